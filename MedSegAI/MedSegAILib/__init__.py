@@ -1,0 +1,6 @@
+"""MedSegAI engine: importable without Slicer and without TensorFlow."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+

@@ -1,0 +1,44 @@
+"""Shared pytest fixtures: paths to the real data in ../shared/data and the repository."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = Path(os.environ.get("MEDSEGAI_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data folder (../shared/data). Tests that need it fail loudly if it is missing."""
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"shared data not found at {SHARED_DATA}; set MEDSEGAI_SHARED_DATA")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ct_small(shared_data: Path) -> Path:
+    return shared_data / "ct-abdomen" / "example_ct_sm.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def ct_small_labels(shared_data: Path) -> Path:
+    return shared_data / "ct-abdomen" / "example_seg.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def ct_dicom_dir(shared_data: Path) -> Path:
+    return shared_data / "ct-abdomen" / "example_ct_dicom"
+
+
+@pytest.fixture(scope="session")
+def brain_dicom_study(shared_data: Path) -> Path:
+    return shared_data / "mr-brain-tumor" / "PGBM-001" / "1992-04-02"
