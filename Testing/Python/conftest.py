@@ -42,3 +42,19 @@ def ct_dicom_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def brain_dicom_study(shared_data: Path) -> Path:
     return shared_data / "mr-brain-tumor" / "PGBM-001" / "1992-04-02"
+
+
+@pytest.fixture(scope="session")
+def analytic_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2D analytic bone-threshold model folder (model.keras + model.onnx), patch 64x64."""
+    from analytic_models import threshold_model_folder
+
+    return threshold_model_folder(tmp_path_factory.mktemp("models") / "analytic-bone-2d", mode="2d")
+
+
+@pytest.fixture(scope="session")
+def analytic_model_3d_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3D analytic bone-threshold model folder, patch 16x48x48."""
+    from analytic_models import threshold_model_folder
+
+    return threshold_model_folder(tmp_path_factory.mktemp("models") / "analytic-bone-3d", mode="3d")

@@ -1,0 +1,657 @@
+"""MedSegAI: one-click AI segmentation in 3D Slicer.
+
+Slicer's scripted-module shape: ``MedSegAI`` (module description), ``MedSegAIParameterNode``
+(everything the panel shows, saved with the scene), ``MedSegAIWidget`` (GUI only),
+``MedSegAILogic`` (a thin Slicer-facing layer over :mod:`MedSegAILib.slicer_logic`, which works on
+any MRML scene and is what the pytest suites drive) and ``MedSegAITest`` (the in-Slicer self-test).
+
+The engine never runs inside Slicer's process: Segment and Fine-tune start a separate Python
+process, a QTimer polls it, so Slicer stays responsive and Cancel stops it within two seconds.
+"""
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import ctk
+import qt
+import vtk
+
+import slicer
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.util import VTKObservationMixin
+
+from MedSegAILib import mrml, slicer_logic
+from MedSegAILib.errors import MedSegAIInputError
+
+MAXIMUM_CHANNELS = 4
+POLL_INTERVAL_MILLISECONDS = 200
+POSTPROCESSING_CHOICES = ["model default", "on", "off"]
+
+
+#
+# MedSegAI
+#
+
+
+class MedSegAI(ScriptedLoadableModule):
+    """Module description shown in Slicer's module list and help panel."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "MedSegAI"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["Segmentations", "SubjectHierarchy"]
+        self.parent.contributors = ["MedSegAI contributors"]
+        self.parent.helpText = """
+Segment CT and MRI volumes with installed AI models in one click, correct the result in Segment
+Editor, export corrected cases for training and fine-tune a model on them.
+The engine runs in a separate process; Slicer stays usable and Cancel stops it at once.
+"""
+        self.parent.acknowledgementText = """
+MedSegAI uses TensorFlow/Keras and ONNX Runtime. Shipped models list their training data and
+licence in the NOTICE file of their model folder.
+"""
+
+
+#
+# MedSegAIParameterNode
+#
+
+
+@parameterNodeWrapper
+class MedSegAIParameterNode:
+    """Everything the panel shows; saved with the scene.
+
+    modelId - id or folder of the selected model (the folder when several versions exist).
+    inputVolume1..inputVolume4 - one volume per model channel, in the model's channel order.
+    outputSegmentation - segmentation to fill; None creates "<volume name> MedSegAI".
+    device, backend, overlap, testTimeAugmentation, batchSize (0 = model default) - engine options.
+    postprocessing - False gives the plain network output.
+    largestComponent, fillHoles - "model default", "on" or "off".
+    minimumIslandVolume - mm³; negative = model default.
+    enginePython - Python executable for the engine; empty = Slicer's Python.
+    datasetFolder - training dataset folder for Export corrected labels and Fine-tune.
+    """
+
+    modelId: str = ""
+    inputVolume1: slicer.vtkMRMLScalarVolumeNode
+    inputVolume2: slicer.vtkMRMLScalarVolumeNode
+    inputVolume3: slicer.vtkMRMLScalarVolumeNode
+    inputVolume4: slicer.vtkMRMLScalarVolumeNode
+    outputSegmentation: slicer.vtkMRMLSegmentationNode
+    device: Annotated[str, Choice(["auto", "cpu", "gpu"])] = "auto"
+    backend: Annotated[str, Choice(["auto", "tensorflow", "onnx"])] = "auto"
+    overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
+    testTimeAugmentation: bool = False
+    batchSize: Annotated[int, WithinRange(0, 512)] = 0
+    postprocessing: bool = True
+    largestComponent: Annotated[str, Choice(POSTPROCESSING_CHOICES)] = "model default"
+    fillHoles: Annotated[str, Choice(POSTPROCESSING_CHOICES)] = "model default"
+    minimumIslandVolume: Annotated[float, WithinRange(-1.0, 1000000.0)] = -1.0
+    enginePython: str = ""
+    datasetFolder: str = ""
+
+
+#
+# MedSegAIWidget
+#
+
+
+class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The panel. GUI only: every action calls MedSegAILogic inside tryWithErrorDisplay."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._segmentationRun = None
+        self._fineTuneRun = None
+        self._pollTimer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSegAI.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = MedSegAILogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.editInSegmentEditorButton.connect("clicked(bool)", self.onEditInSegmentEditor)
+        self.ui.enginePythonBrowseButton.connect("clicked(bool)", self.onBrowseEnginePython)
+        self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
+        self.ui.datasetFolderBrowseButton.connect("clicked(bool)", self.onBrowseDatasetFolder)
+        self.ui.datasetFolderLineEdit.connect("editingFinished()", self.updateCaseCount)
+        self.ui.exportCorrectedLabelsButton.connect("clicked(bool)", self.onExportCorrectedLabels)
+        self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTuneButton)
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(POLL_INTERVAL_MILLISECONDS)
+        self._pollTimer.connect("timeout()", self.onPollTimer)
+
+        self.populateModels()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        """Called when the application closes: stop running processes, drop observers."""
+        if self._pollTimer is not None:
+            self._pollTimer.stop()
+        for run in (self._segmentationRun, self._fineTuneRun):
+            if run is not None and run.running:
+                run.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._segmentationRun is not None and self._segmentationRun.running:
+            self._segmentationRun.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        """Use the scene's parameter node; pre-select the background volume as first input."""
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume1:
+            with slicer.util.tryWithErrorDisplay("The background volume could not be selected."):
+                backgroundVolume = self.logic.backgroundVolumeNode()
+                if backgroundVolume:
+                    self._parameterNode.inputVolume1 = backgroundVolume
+        if not self._parameterNode.modelId and self.ui.modelComboBox.count > 0:
+            self._parameterNode.modelId = self.ui.modelComboBox.itemData(0)
+        self.selectModelInComboBox(self._parameterNode.modelId)
+
+    def setParameterNode(self, inputParameterNode: Optional[MedSegAIParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+            self.updateButtons()
+
+    # -- model selection ---------------------------------------------------------------------
+
+    def populateModels(self) -> None:
+        """Fill the model selector with installed models ("name version"), folder as item data."""
+        cards = []
+        with slicer.util.tryWithErrorDisplay("The installed models could not be listed."):
+            cards = self.logic.availableModels()
+        wasBlocked = self.ui.modelComboBox.blockSignals(True)
+        self.ui.modelComboBox.clear()
+        for card in cards:
+            self.ui.modelComboBox.addItem(f"{card.name} {card.version}", str(card.folder))
+        self.ui.modelComboBox.blockSignals(wasBlocked)
+        if self.ui.modelComboBox.count == 0:
+            self.ui.modelDescriptionLabel.text = "No model is installed. Use Import model… to add one."
+
+    def selectModelInComboBox(self, modelId: str) -> None:
+        index = self.ui.modelComboBox.findData(modelId) if modelId else -1
+        if index < 0 and self.ui.modelComboBox.count > 0:
+            index = 0
+        self.ui.modelComboBox.setCurrentIndex(index)
+        self.onModelChanged(index)
+
+    def onModelChanged(self, index: int) -> None:
+        """Show the model's description and one input selector per channel, named after it."""
+        if index < 0 or not self._parameterNode:
+            return
+        folder = self.ui.modelComboBox.itemData(index)
+        if self._parameterNode.modelId != folder:
+            self._parameterNode.modelId = folder
+        card = None
+        with slicer.util.tryWithErrorDisplay("The selected model cannot be used.", waitCursor=True):
+            card = self.logic.modelCard(folder)
+            self.ui.modelDescriptionLabel.text = self.logic.modelDescriptionHtml(card)
+        if card is None:
+            return
+        channelNames = card.channel_names
+        for channelNumber in range(1, MAXIMUM_CHANNELS + 1):
+            visible = channelNumber <= len(channelNames)
+            label = getattr(self.ui, f"inputVolume{channelNumber}Label")
+            selector = getattr(self.ui, f"inputVolume{channelNumber}Selector")
+            label.visible = visible
+            selector.visible = visible
+            if visible:
+                label.text = f"{channelNames[channelNumber - 1]}:"
+                selector.toolTip = f"Volume for the model's {channelNames[channelNumber - 1]} channel."
+        self.updateButtons()
+
+    def onImportModel(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(), "Import model: select the model.json of a model folder, or a .zip of one", "",
+            "Model folder or archive (model.json *.zip)")
+        if not path:
+            return
+        if Path(path).name == "model.json":
+            path = str(Path(path).parent)
+        with slicer.util.tryWithErrorDisplay("The model could not be imported.", waitCursor=True):
+            card = self.logic.importModel(path)
+            self.populateModels()
+            self.selectModelInComboBox(str(card.folder))
+            slicer.util.showStatusMessage(f"Imported model {card.name} {card.version}.", 5000)
+
+    # -- segmentation ------------------------------------------------------------------------
+
+    def updateButtons(self, caller=None, event=None) -> None:
+        """Enable buttons that can act now; Segment/Fine-tune read Cancel while running."""
+        if not self._parameterNode:
+            return
+        segmenting = self._segmentationRun is not None and self._segmentationRun.running
+        fineTuning = self._fineTuneRun is not None and self._fineTuneRun.running
+        hasInput = self._parameterNode.inputVolume1 is not None and bool(self._parameterNode.modelId)
+        self.ui.segmentButton.text = "Cancel" if segmenting else "Segment"
+        self.ui.segmentButton.enabled = segmenting or (hasInput and not fineTuning)
+        hasSegmentation = self._parameterNode.outputSegmentation is not None
+        self.ui.editInSegmentEditorButton.enabled = hasSegmentation and not segmenting
+        hasFolder = bool(self._parameterNode.datasetFolder.strip())
+        self.ui.exportCorrectedLabelsButton.enabled = hasSegmentation and hasFolder and not segmenting
+        self.ui.fineTuneButton.text = "Cancel fine-tuning" if fineTuning else "Fine-tune"
+        self.ui.fineTuneButton.enabled = fineTuning or (hasFolder and bool(self._parameterNode.modelId) and not segmenting)
+
+    def onSegmentButton(self) -> None:
+        if self._segmentationRun is not None and self._segmentationRun.running:
+            self._segmentationRun.cancel()
+            self.ui.statusLabel.text = "Cancelled; the scene was not changed."
+            self._segmentationRun = None
+            self.ui.progressBar.value = 0
+            self.updateButtons()
+            return
+        with slicer.util.tryWithErrorDisplay("Segmentation could not be started.", waitCursor=True):
+            if not self.ensureDependencies():
+                return
+            self.ui.logTextEdit.clear()
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = "Starting the engine…"
+            self._segmentationRun = self.logic.startSegmentation(self._parameterNode)
+            self._pollTimer.start()
+        self.updateButtons()
+
+    def onPollTimer(self) -> None:
+        """Read the engine's progress (never blocks); finish when the process has ended."""
+        for run, isSegmentation in ((self._segmentationRun, True), (self._fineTuneRun, False)):
+            if run is None:
+                continue
+            for event in run.poll():
+                self.showProgress(event, isSegmentation)
+            for line in run.read_log():
+                self.ui.logTextEdit.appendPlainText(line)
+            if not run.running:
+                if isSegmentation:
+                    self.finishSegmentation(run)
+                else:
+                    self.finishFineTune(run)
+        if not (self._segmentationRun or self._fineTuneRun):
+            self._pollTimer.stop()
+        self.updateButtons()
+
+    def showProgress(self, event, isSegmentation: bool) -> None:
+        eta = ""
+        if event.eta_seconds is not None and event.fraction < 1.0:
+            minutes, seconds = divmod(int(round(event.eta_seconds)), 60)
+            eta = f", about {minutes}:{seconds:02d} left"
+        detail = f" {event.message}" if event.message else ""
+        text = f"{event.stage} {event.done}/{event.total}{eta}.{detail}"
+        if isSegmentation:
+            self.ui.progressBar.value = int(round(100 * event.fraction))
+            self.ui.statusLabel.text = text
+        else:
+            self.ui.fineTuneStatusLabel.text = f"Fine-tuning: {text}"
+
+    def finishSegmentation(self, run) -> None:
+        self._segmentationRun = None
+        with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
+            result = self.logic.finishSegmentation(run)
+            self._parameterNode.outputSegmentation = result.segmentation_node
+            self.ui.progressBar.value = 100
+            self.ui.statusLabel.text = (f"Done in {result.seconds:.0f} s: {len(result.segment_ids)} segment(s) from "
+                                        f"{result.card.name} {result.card.version}.")
+            self.logic.showResult(result)
+
+    def onEditInSegmentEditor(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Segment Editor could not be opened."):
+            self.logic.openInSegmentEditor(self._parameterNode.outputSegmentation, self._parameterNode.inputVolume1)
+
+    # -- advanced ----------------------------------------------------------------------------
+
+    def onBrowseEnginePython(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Python executable for the engine")
+        if path:
+            self._parameterNode.enginePython = path
+
+    def onCheckDependencies(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Dependencies could not be checked.", waitCursor=True):
+            if self.ensureDependencies():
+                slicer.util.infoDisplay("The engine has every package it needs.")
+
+    def ensureDependencies(self) -> bool:
+        """Offer to install missing engine packages from requirements.txt; True when all are there."""
+        parameterNode = self._parameterNode
+        missing = self.logic.missingPackages(parameterNode)
+        if not missing:
+            return True
+        lines = self.logic.requirementsToInstall(missing)
+        if parameterNode.enginePython.strip():
+            raise MedSegAIInputError(
+                f"The engine Python lacks {', '.join(missing)}; install them into it with "
+                f"`{parameterNode.enginePython} -m pip install {' '.join(repr(line) for line in lines)}`.")
+        question = (f"MedSegAI needs these Python packages: {', '.join(lines)}.\n\n"
+                    "Install them now into Slicer's Python? (Slicer's own packages are not changed.)")
+        if not slicer.util.confirmOkCancelDisplay(question, "MedSegAI dependencies"):
+            self.ui.statusLabel.text = f"Missing packages: {', '.join(missing)}; segmentation not started."
+            return False
+        self.logic.installRequirements(lines)
+        return not self.logic.missingPackages(parameterNode)
+
+    # -- export and fine-tuning --------------------------------------------------------------
+
+    def onBrowseDatasetFolder(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Training dataset folder",
+                                                     self._parameterNode.datasetFolder)
+        if folder:
+            self._parameterNode.datasetFolder = folder
+            self.updateCaseCount()
+
+    def updateCaseCount(self) -> None:
+        with slicer.util.tryWithErrorDisplay("The dataset folder could not be read."):
+            count = self.logic.datasetCaseCount(self._parameterNode.datasetFolder)
+            self.ui.caseCountLabel.text = f"The dataset holds {count} case(s)."
+
+    def onExportCorrectedLabels(self) -> None:
+        with slicer.util.tryWithErrorDisplay("The case could not be exported.", waitCursor=True):
+            caseId, changedVoxels = self.logic.exportCorrectedLabels(self._parameterNode)
+            changed = f"; {changedVoxels} voxel(s) corrected" if changedVoxels is not None else ""
+            slicer.util.showStatusMessage(f"Exported {caseId}{changed}.", 5000)
+            self.updateCaseCount()
+
+    def onFineTuneButton(self) -> None:
+        if self._fineTuneRun is not None and self._fineTuneRun.running:
+            self._fineTuneRun.cancel()
+            self._fineTuneRun = None
+            self.ui.fineTuneStatusLabel.text = "Fine-tuning cancelled; no model was added."
+            self.updateButtons()
+            return
+        with slicer.util.tryWithErrorDisplay("Fine-tuning could not be started.", waitCursor=True):
+            question = ("Train a new version of the selected model on the dataset folder? This runs in the background "
+                        "and can take a long time; the current model stays installed.")
+            if not slicer.util.confirmOkCancelDisplay(question, "MedSegAI fine-tuning"):
+                return
+            self._fineTuneRun = self.logic.startFineTune(self._parameterNode)
+            self.ui.fineTuneStatusLabel.text = "Fine-tuning started…"
+            self._pollTimer.start()
+        self.updateButtons()
+
+    def finishFineTune(self, run) -> None:
+        self._fineTuneRun = None
+        with slicer.util.tryWithErrorDisplay("Fine-tuning failed.", waitCursor=True):
+            card = self.logic.finishFineTune(run)
+            self.populateModels()
+            self.selectModelInComboBox(str(card.folder))
+            self.ui.fineTuneStatusLabel.text = f"New model {card.name} {card.version} is installed and selected."
+
+
+#
+# MedSegAILogic
+#
+
+
+class MedSegAILogic(ScriptedLoadableModuleLogic):
+    """Slicer-facing layer over MedSegAILib.slicer_logic (which works on any MRML scene).
+
+    Errors a user can cause are MedSegAIInputError with one clear sentence; the widget shows them.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.lastResult = None
+
+    def getParameterNode(self) -> MedSegAIParameterNode:
+        return MedSegAIParameterNode(super().getParameterNode())
+
+    # -- models ------------------------------------------------------------------------------
+
+    def availableModels(self) -> list:
+        from MedSegAILib.modelcard import list_models
+
+        return list_models()
+
+    def modelCard(self, modelId: str):
+        return slicer_logic.resolve_model(modelId)
+
+    def modelDescriptionHtml(self, card) -> str:
+        """Name, version, description, inputs and labels of a model, for the panel."""
+        import html
+
+        labels = ", ".join(html.escape(label.name) for label in card.labels)
+        channels = ", ".join(html.escape(name) for name in card.channel_names)
+        return (f"<b>{html.escape(card.name)}</b> {html.escape(card.version)}<br>{html.escape(card.description)}"
+                f"<br><i>Inputs:</i> {channels}<br><i>Labels:</i> {labels}")
+
+    def importModel(self, folderOrZip: str):
+        return slicer_logic.import_model(folderOrZip)
+
+    # -- segmentation ------------------------------------------------------------------------
+
+    def backgroundVolumeNode(self):
+        """The volume shown in the red slice view's background, else the first scalar volume."""
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None and layoutManager.sliceWidget("Red") is not None:
+            compositeNode = layoutManager.sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
+            node = slicer.mrmlScene.GetNodeByID(compositeNode.GetBackgroundVolumeID() or "")
+            if node is not None and node.IsA("vtkMRMLScalarVolumeNode"):
+                return node
+        return slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def engineOptions(self, parameterNode: MedSegAIParameterNode) -> slicer_logic.EngineOptions:
+        choice = {"model default": None, "on": True, "off": False}
+        return slicer_logic.EngineOptions(
+            device=parameterNode.device,
+            backend=parameterNode.backend,
+            overlap=parameterNode.overlap,
+            tta=parameterNode.testTimeAugmentation,
+            batch_size=parameterNode.batchSize or None,
+            postprocessing=parameterNode.postprocessing,
+            largest_component=choice[parameterNode.largestComponent],
+            fill_holes=choice[parameterNode.fillHoles],
+            min_island_mm3=parameterNode.minimumIslandVolume if parameterNode.minimumIslandVolume >= 0 else None,
+            python_executable=parameterNode.enginePython.strip() or None,
+        )
+
+    def inputVolumeNodes(self, parameterNode: MedSegAIParameterNode) -> list:
+        return [getattr(parameterNode, f"inputVolume{number}") for number in range(1, MAXIMUM_CHANNELS + 1)]
+
+    def startSegmentation(self, parameterNode: MedSegAIParameterNode) -> slicer_logic.SegmentationRun:
+        """Validate and start the engine process; returns the run to poll."""
+        card = slicer_logic.resolve_model(parameterNode.modelId)
+        volumes = self.inputVolumeNodes(parameterNode)[: max(len(card.channels), 1)]
+        extra = [node for node in self.inputVolumeNodes(parameterNode)[len(card.channels):] if node is not None]
+        if extra:
+            logging.info("MedSegAI: ignoring %d volume(s) selected beyond the model's channels", len(extra))
+        run = slicer_logic.SegmentationRun(volumes, card, parameterNode.outputSegmentation,
+                                           self.engineOptions(parameterNode), temp_root=slicer.app.temporaryPath)
+        return run.start()
+
+    def finishSegmentation(self, run: slicer_logic.SegmentationRun) -> slicer_logic.SegmentationResult:
+        self.lastResult = run.finish(slicer.mrmlScene)
+        return self.lastResult
+
+    def segment(self, parameterNode: MedSegAIParameterNode, timeout: Optional[float] = None) -> slicer_logic.SegmentationResult:
+        """Blocking segmentation (scripts and self-test)."""
+        run = self.startSegmentation(parameterNode)
+        try:
+            run.wait(timeout=timeout)
+        except BaseException:
+            run.cancel()
+            raise
+        return self.finishSegmentation(run)
+
+    def showResult(self, result: slicer_logic.SegmentationResult) -> None:
+        """Show the segmentation over its input and the measurements table."""
+        displayNode = result.segmentation_node.GetDisplayNode()
+        if displayNode is not None:
+            displayNode.SetVisibility(True)
+        if result.table_node is not None and slicer.app.layoutManager() is not None:
+            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.table_node.GetID())
+            slicer.app.applicationLogic().PropagateTableSelection()
+
+    def openInSegmentEditor(self, segmentationNode, sourceVolumeNode) -> None:
+        if segmentationNode is None:
+            raise MedSegAIInputError("No segmentation is selected; run Segment first.")
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.SegmentEditorWidget.editor
+        editor.setSegmentationNode(segmentationNode)
+        if sourceVolumeNode is not None:
+            if hasattr(editor, "setSourceVolumeNode"):
+                editor.setSourceVolumeNode(sourceVolumeNode)
+            else:
+                editor.setMasterVolumeNode(sourceVolumeNode)
+
+    # -- dependencies ------------------------------------------------------------------------
+
+    def missingPackages(self, parameterNode: MedSegAIParameterNode) -> list:
+        return slicer_logic.missing_packages(parameterNode.backend, parameterNode.enginePython.strip() or None)
+
+    def requirementsToInstall(self, missing: list) -> list:
+        return slicer_logic.requirements_to_install(missing)
+
+    def installRequirements(self, lines: list) -> None:
+        """pip install the pinned lines into Slicer's Python (called only after the user agreed)."""
+        slicer.util.pip_install(lines)
+
+    # -- export and fine-tuning --------------------------------------------------------------
+
+    def datasetCaseCount(self, datasetFolder: str) -> int:
+        return slicer_logic.dataset_case_count(datasetFolder.strip() or None)
+
+    def exportCorrectedLabels(self, parameterNode: MedSegAIParameterNode) -> tuple:
+        """Add the current case to the dataset folder; returns (case id, changed voxels or None)."""
+        segmentationNode = parameterNode.outputSegmentation
+        sourceModel = json.loads(segmentationNode.GetAttribute(slicer_logic.SOURCE_MODEL_ATTRIBUTE) or "{}") if segmentationNode else {}
+        card = slicer_logic.resolve_model(sourceModel.get("folder") if sourceModel.get("folder") and
+                                          os.path.isdir(sourceModel["folder"]) else parameterNode.modelId)
+        volumes = self.inputVolumeNodes(parameterNode)[: len(card.channels)]
+        original = None
+        if self.lastResult is not None and self.lastResult.segmentation_node is segmentationNode:
+            original = self.lastResult.labels
+        datasetFolder = parameterNode.datasetFolder.strip()
+        caseId = slicer_logic.export_for_training(slicer.mrmlScene, segmentationNode, volumes, datasetFolder, card, original)
+        return caseId, slicer_logic.dataset_case_changed_voxels(datasetFolder, caseId)
+
+    def startFineTune(self, parameterNode: MedSegAIParameterNode) -> slicer_logic.FineTuneRun:
+        return slicer_logic.start_fine_tune(parameterNode.datasetFolder.strip(), parameterNode.modelId,
+                                            python_executable=parameterNode.enginePython.strip() or None)
+
+    def finishFineTune(self, run: slicer_logic.FineTuneRun):
+        return run.finish()
+
+
+#
+# MedSegAITest
+#
+
+
+class MedSegAITest(ScriptedLoadableModuleTest):
+    """In-Slicer self-test: the same Logic checks as the pytest suites, on the shipped sample CT."""
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_MedSegAI_segmentSampleData()
+        self.setUp()
+        self.test_MedSegAI_badInputLeavesSceneUnchanged()
+        self.setUp()
+        self.test_MedSegAI_exportCorrectedLabels()
+
+    def _sampleVolume(self):
+        samplePath = Path(__file__).parent / "Resources" / "SampleData" / "abdomen-ct.nii.gz"
+        return slicer.util.loadVolume(str(samplePath))
+
+    def _parameterNodeFor(self, volumeNode) -> MedSegAIParameterNode:
+        logic = MedSegAILogic()
+        parameterNode = logic.getParameterNode()
+        cards = logic.availableModels()
+        self.assertTrue(cards, "no model is installed")
+        ctCards = [card for card in cards if len(card.channels) == 1]
+        parameterNode.modelId = str((ctCards or cards)[0].folder)
+        parameterNode.inputVolume1 = volumeNode
+        parameterNode.device = "cpu"
+        return parameterNode
+
+    def test_MedSegAI_segmentSampleData(self) -> None:
+        self.delayDisplay("Segmenting the sample CT")
+        volumeNode = self._sampleVolume()
+        logic = MedSegAILogic()
+        parameterNode = self._parameterNodeFor(volumeNode)
+        result = logic.segment(parameterNode, timeout=600)
+        segmentation = result.segmentation_node
+        self.assertEqual(segmentation.GetName(), f"{volumeNode.GetName()} MedSegAI")
+        names = [segmentation.GetSegmentation().GetSegment(segmentId).GetName() for segmentId in result.segment_ids]
+        self.assertEqual(names, [label.name for label in result.card.labels])
+        reference = segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole())
+        self.assertIs(reference, volumeNode)
+        exported = mrml.labels_from_segmentation_node(segmentation, volumeNode, result.card)
+        self.assertTrue((exported.array == result.labels.array).all())
+        self.assertTrue(exported.same_grid(mrml.volume_from_node(volumeNode)))
+        self.delayDisplay("Segmentation test passed")
+
+    def test_MedSegAI_badInputLeavesSceneUnchanged(self) -> None:
+        self.delayDisplay("Checking bad input")
+        volumeNode = self._sampleVolume()
+        parameterNode = self._parameterNodeFor(volumeNode)
+        logic = MedSegAILogic()
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        parameterNode.inputVolume1 = None
+        with self.assertRaises(MedSegAIInputError):
+            logic.startSegmentation(parameterNode)
+        parameterNode.modelId = str(Path(tempfile.mkdtemp()))
+        with self.assertRaises(MedSegAIInputError):
+            logic.startSegmentation(parameterNode)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
+        self.delayDisplay("Bad input test passed")
+
+    def test_MedSegAI_exportCorrectedLabels(self) -> None:
+        self.delayDisplay("Exporting a corrected case")
+        volumeNode = self._sampleVolume()
+        logic = MedSegAILogic()
+        parameterNode = self._parameterNodeFor(volumeNode)
+        result = logic.segment(parameterNode, timeout=600)
+        parameterNode.outputSegmentation = result.segmentation_node
+        parameterNode.datasetFolder = tempfile.mkdtemp(prefix="MedSegAITest-dataset-")
+        firstCase, changed = logic.exportCorrectedLabels(parameterNode)
+        self.assertEqual(changed, 0)
+        secondCase, _ = logic.exportCorrectedLabels(parameterNode)
+        self.assertNotEqual(firstCase, secondCase)
+        self.assertEqual(logic.datasetCaseCount(parameterNode.datasetFolder), 2)
+        self.delayDisplay("Export test passed")

@@ -1,0 +1,188 @@
+"""Inference backends: ONNX Runtime and TensorFlow/Keras behind one ``predict`` call.
+
+Both take a float32 channels-last batch — 2D ``(N, y, x, C)`` or 3D ``(N, z, y, x, C)`` — and return
+float32 softmax probabilities ``(N, ..., K)``. The heavy packages are imported only when a
+predictor is created.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import MedSegAIInputError, ModelFolderError
+from .modelcard import ModelCard
+
+__all__ = ["Predictor", "load_predictor", "available_backends", "import_tensorflow", "BACKENDS", "DEVICES"]
+
+BACKENDS = ("auto", "onnx", "tensorflow")
+DEVICES = ("auto", "cpu", "gpu")
+
+
+class Predictor(Protocol):
+    """What the engine needs from a backend."""
+
+    name: str
+    device: str
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities for a float32 channels-last batch."""
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def available_backends() -> list[str]:
+    """Backends whose Python package is importable here (no import is done)."""
+    return [name for name, module in (("onnx", "onnxruntime"), ("tensorflow", "tensorflow")) if _installed(module)]
+
+
+def import_tensorflow() -> Any:
+    """Import TensorFlow without the native start-up lines it writes straight to stderr.
+
+    Those lines would break the CLI's promise of one ``error:`` line; Python-level errors are kept.
+    """
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return tensorflow
+
+
+def _thread_count() -> int:
+    value = os.environ.get("MEDSEGAI_THREADS")
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError as e:
+            raise MedSegAIInputError(f"MEDSEGAI_THREADS must be a whole number, not {value!r}.") from e
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class OnnxPredictor:
+    """ONNX Runtime session for ``model.onnx``."""
+
+    name = "onnx"
+
+    def __init__(self, path: os.PathLike[str] | str, device: str) -> None:
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if device in ("auto", "gpu"):
+            gpu_providers = [p for p in ("CUDAExecutionProvider",) if p in ort.get_available_providers()]
+            if device == "gpu" and not gpu_providers:
+                raise MedSegAIInputError(
+                    "--device gpu was asked for but ONNX Runtime has no CUDA provider here; "
+                    "install onnxruntime-gpu or use --device cpu."
+                )
+            providers = gpu_providers + providers
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = _thread_count()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise ModelFolderError(f"cannot load {path} with ONNX Runtime: {e}. Re-export the model folder.") from e
+        self._input = self._session.get_inputs()[0].name
+        self.device = "gpu" if self._session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        output = self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return np.asarray(output, dtype=np.float32)
+
+
+class KerasPredictor:
+    """Keras 3 ``model.keras`` loaded with ``safe_mode=True`` (a model folder cannot run code)."""
+
+    name = "tensorflow"
+
+    def __init__(self, path: os.PathLike[str] | str, device: str) -> None:
+        tf = import_tensorflow()
+
+        threads = _thread_count()
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            pass  # already initialised in this process; keep the existing setting
+        gpus = tf.config.list_physical_devices("GPU")
+        if device == "gpu" and not gpus:
+            raise MedSegAIInputError("--device gpu was asked for but TensorFlow sees no GPU here; use --device cpu.")
+        if device == "cpu" and gpus:
+            try:
+                tf.config.set_visible_devices([], "GPU")
+            except RuntimeError:
+                pass
+        self.device = "gpu" if gpus and device != "cpu" else "cpu"
+        _register_custom_objects()
+        import keras
+
+        try:
+            model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
+        except Exception as e:  # keras raises ValueError/TypeError/OSError for unsafe or broken files
+            raise ModelFolderError(
+                f"refused to load {path}: {e}. Model files with Lambda layers or other code are not allowed; "
+                "re-export the model without them."
+            ) from e
+        self._model = model
+        self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        output = self._call(np.ascontiguousarray(batch, dtype=np.float32))
+        return np.asarray(output, dtype=np.float32)
+
+
+def _register_custom_objects() -> None:
+    """Import the serialisable layers/losses of the training package, when installed."""
+    if _installed("medsegai_training"):
+        for module in ("medsegai_training.models", "medsegai_training.losses"):
+            if importlib.util.find_spec(module) is not None:
+                importlib.import_module(module)
+
+
+def load_predictor(card: ModelCard, backend: str = "auto", device: str = "auto") -> Predictor:
+    """Create the predictor for a model folder.
+
+    ``auto`` picks ONNX Runtime when ``model.onnx`` and the package are both there (it is the faster
+    one on CPU), else TensorFlow.
+
+    Raises:
+        MedSegAIInputError: unknown backend/device, or the needed package/file is missing.
+    """
+    if backend not in BACKENDS:
+        raise MedSegAIInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    if device not in DEVICES:
+        raise MedSegAIInputError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
+    onnx_file, keras_file = card.weights_path("onnx"), card.weights_path("keras")
+    choices = {"onnx": (onnx_file, "onnxruntime"), "tensorflow": (keras_file, "tensorflow")}
+    order = ["onnx", "tensorflow"] if backend == "auto" else [backend]
+    missing: list[str] = []
+    for name in order:
+        path, package = choices[name]
+        if path is None:
+            missing.append(f"the model has no {'model.onnx' if name == 'onnx' else 'model.keras'}")
+            continue
+        if not _installed(package):
+            missing.append(f"the Python package '{package}' is not installed")
+            continue
+        predictor_class: Any = OnnxPredictor if name == "onnx" else KerasPredictor
+        return predictor_class(path, device)
+    raise MedSegAIInputError(
+        f"cannot run model '{card.id}' with backend {backend}: " + "; ".join(missing)
+        + ". Install the missing package (see MedSegAI/Resources/requirements.txt) or choose another --backend."
+    )

@@ -1,0 +1,238 @@
+"""The ``medsegai`` command line.
+
+Exit codes: 0 done; 2 bad usage or bad input (one ``error:`` line on stderr); 1 unexpected failure
+(traceback only with ``--debug``); 130 cancelled (Ctrl-C or SIGTERM). Failed or cancelled runs leave
+no output file behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import CancelledError, MedSegAIInputError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one ``error:`` line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+class _CancelFlag:
+    """Set by SIGTERM/SIGINT; polled by the engine between batches."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def __call__(self) -> bool:
+        return self.cancelled
+
+    def install(self) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            self.cancelled = True
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, handler)
+
+
+def _overlap(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"overlap must be a number in [0, 1), not {text!r}") from e
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"overlap must be in [0, 1), not {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from e
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 1, not {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from e
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, not {value}")
+    return value
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks of unexpected errors")
+    return common
+
+
+def _add_segment_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "segment",
+        parents=[_common_options()],
+        help="segment one case",
+        description="Segment one case: one INPUT per model channel, in the model's channel order.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help=".nrrd, .nii, .nii.gz, .mha/.mhd file or DICOM folder (one per model channel)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                        help=".seg.nrrd (Slicer segmentation) or .nrrd/.nii.gz/.nii labelmap")
+    parser.add_argument("--model", default=None, metavar="ID_OR_FOLDER", help="model id or folder (default: the default model)")
+    parser.add_argument("--series", default=None, metavar="UID", help="DICOM SeriesInstanceUID when a folder holds several series")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--backend", choices=("auto", "tensorflow", "onnx"), default="auto")
+    parser.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
+    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N", help="windows per network call")
+    parser.add_argument("--measurements", default=None, metavar="FILE", help="write per-segment measurements (.csv or .json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--progress", choices=("bar", "json", "none"), default=None,
+                        help="progress display (default: bar on a terminal)")
+    post = parser.add_argument_group("post-processing (defaults come from the model)")
+    post.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
+                      help="keep only the largest connected component of each label")
+    post.add_argument("--fill-holes", action=argparse.BooleanOptionalAction, default=None, help="fill holes inside each label")
+    post.add_argument("--min-island-mm3", type=_non_negative, default=None, metavar="MM3", help="remove islands smaller than this")
+    post.add_argument("--no-postprocessing", action="store_true", help="plain argmax, no post-processing")
+    parser.set_defaults(func=_run_segment)
+
+
+def _postprocessing_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.no_postprocessing:
+        return {"largest_component": False, "fill_holes": False, "min_island_mm3": 0}
+    overrides: dict[str, Any] = {}
+    if args.largest_component is not None:
+        overrides["largest_component"] = args.largest_component
+    if args.fill_holes is not None:
+        overrides["fill_holes"] = args.fill_holes
+    if args.min_island_mm3 is not None:
+        overrides["min_island_mm3"] = args.min_island_mm3
+    return overrides or None
+
+
+def _run_segment(args: argparse.Namespace) -> int:
+    from .inference import SegmentOptions
+    from .pipeline import run_segmentation
+    from .progress import make_reporter
+
+    cancel = _CancelFlag()
+    cancel.install()
+    options = SegmentOptions(
+        overlap=args.overlap, tta=args.tta, batch_size=args.batch_size,
+        postprocessing=_postprocessing_overrides(args),
+    )
+    result = run_segmentation(
+        args.inputs, args.output, model=args.model, series_uid=args.series, backend=args.backend,
+        device=args.device, options=options, measurements=args.measurements, overwrite=args.overwrite,
+        progress=make_reporter(args.progress), should_cancel=cancel,
+    )
+    found = [row["name"] for row in result.measurements if row.get("voxel_count", 0) > 0]
+    summary = f"wrote {result.output} with model {result.card.id} {result.card.version} ({result.backend}, {result.device})"
+    if args.measurements:
+        summary += f"; measurements in {args.measurements}"
+        if not found:
+            summary += "; no label was found"
+    print(summary, file=sys.stderr)
+    return EXIT_OK
+
+
+def _add_models_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser("models", parents=[_common_options()], help="list installed models", description="List installed models.")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=_run_models)
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from .modelcard import DEFAULT_MODEL_ID, list_models
+
+    cards = list_models()
+    if args.json:
+        print(json.dumps([card.summary() for card in cards], indent=2))
+        return EXIT_OK
+    if not cards:
+        print("no models installed (search path: see `medsegai models --help`)")
+        return EXIT_OK
+    for card in cards:
+        default = " (default)" if card.id == DEFAULT_MODEL_ID else ""
+        print(f"{card.id} {card.version}{default}: {card.name}")
+        print(f"    channels: {', '.join(card.channel_names)}")
+        print(f"    labels:   {', '.join(label.name for label in card.labels)}")
+        print(f"    mode:     {card.spatial.mode}   folder: {card.folder}")
+    return EXIT_OK
+
+
+def _add_training_commands(subparsers: Any) -> None:
+    """``train``, ``evaluate`` and ``dataset`` come from the training package when it is installed."""
+    try:
+        from medsegai_training.cli_data import add_dataset_commands, add_evaluate_command
+        from medsegai_training.cli_train import add_train_command
+    except ImportError as e:
+        missing = str(e)
+        for name in ("train", "evaluate", "dataset"):
+            parser = subparsers.add_parser(name, help=f"{name} (needs the training package)", add_help=False)
+            parser.add_argument("rest", nargs=argparse.REMAINDER)
+            parser.set_defaults(func=lambda args, why=missing: _training_missing(why))
+        return
+    add_train_command(subparsers)
+    add_evaluate_command(subparsers)
+    add_dataset_commands(subparsers)
+
+
+def _training_missing(why: str) -> int:
+    raise MedSegAIInputError(
+        f"the training package is not available ({why}); install it with `pip install -e .[train]` from the MedSegAI folder."
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``medsegai`` parser."""
+    parser = _Parser(prog="medsegai", description="MedSegAI: AI segmentation of CT and MRI volumes.")
+    parser.add_argument("--version", action="version", version=f"medsegai {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    subparsers.required = True
+    _add_segment_command(subparsers)
+    _add_models_command(subparsers)
+    _add_training_commands(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or EXIT_OK)
+    except MedSegAIInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CancelledError, KeyboardInterrupt):
+        print("error: cancelled; no output was written.", file=sys.stderr)
+        return EXIT_CANCELLED
+    except Exception as e:  # anything else is a bug: say so, keep the traceback for --debug
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"error: unexpected failure ({type(e).__name__}: {e}); rerun with --debug and report it.", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

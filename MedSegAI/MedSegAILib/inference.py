@@ -1,0 +1,441 @@
+"""From checked input channels to a uint8 label map on exactly the first channel's grid.
+
+Pipeline (memory bounded: never a float32 classes × volume array):
+
+1. Reorient every channel to canonical LPS (a numpy *view*, no copy) and compute per-image
+   intensity statistics once per channel.
+2. 2D models: stream slabs of slices along the card's axis (axial = canonical z, coronal = y,
+   sagittal = x). Each slab is normalised, resampled in-plane to the target spacing, predicted
+   with 2D sliding windows, its probabilities are resampled back in-plane (linear, before
+   argmax) and turned into labels that are written straight into the output array.
+   3D models: the normalised volume is resampled to the model grid (float32, input-sized), 3D
+   sliding windows stream finished z rows, which are interpolated back to the input grid (z
+   first, then in-plane) a few rows at a time and turned into labels.
+3. Labels are written through the canonical view of the output array, so the result is already
+   in the original layout; then post-processing (largest component, holes, islands).
+
+Layouts: volumes ``(z, y, x)``; network batches channels-last ``(N, y, x, C)`` (2D) or
+``(N, z, y, x, C)`` (3D) returning ``(N, ..., K)`` probabilities with class index == label value.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import CancelledError, MedSegAIInputError
+from .image import Volume
+from .postprocessing import postprocess
+from .preprocessing import (
+    intensity_statistics,
+    linear_weights,
+    normalize,
+    reorient_to_canonical,
+    resample_axis_aligned,
+    target_grid,
+)
+from .sliding_window import sliding_window_2d, sliding_window_3d, window_grid
+
+__all__ = ["SegmentOptions", "segment_volumes", "decide_labels", "argmax_labels", "DEFAULT_BATCH_SIZE", "STREAM_BUDGET_BYTES"]
+
+DEFAULT_BATCH_SIZE = {"2d": 8, "3d": 1}
+# Size of the float32 working set (slab accumulators, back-mapping chunks) per streaming step.
+STREAM_BUDGET_BYTES = 64 * 1024 * 1024
+_SLICING_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}
+
+ProgressFn = Callable[..., None]
+
+
+@dataclass
+class SegmentOptions:
+    """Run-time choices that override the model card.
+
+    Attributes:
+        overlap: fraction of each window shared with its neighbours, in [0, 1).
+        tta: flip test-time augmentation (average with the prediction of each axis flipped).
+        batch_size: windows per network call; None uses the card's (or 8 in 2D, 1 in 3D).
+        postprocessing: keys merged over the card's ``postprocessing`` dict.
+    """
+
+    overlap: float = 0.5
+    tta: bool = False
+    batch_size: int | None = None
+    postprocessing: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            overlap = float(self.overlap)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"overlap must be a number in [0, 1), got {self.overlap!r}") from e
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap!r}")
+        self.overlap = overlap
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or int(self.batch_size) < 1):
+            raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size!r}")
+        if self.postprocessing is not None and not isinstance(self.postprocessing, Mapping):
+            raise TypeError(f"postprocessing must be a dict or None, got {type(self.postprocessing).__name__}")
+
+
+def argmax_labels(probabilities: np.ndarray) -> np.ndarray:
+    """uint8 index of the most probable class along the last axis (ties: lowest index)."""
+    return np.argmax(probabilities, axis=-1).astype(np.uint8)
+
+
+def decide_labels(config: Mapping[str, Any], labels: Sequence[Any], num_classes: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The function turning ``(..., K)`` probabilities into uint8 labels.
+
+    ``method: argmax`` (default) takes the most probable class. ``method: threshold`` takes, per
+    voxel, the most probable foreground label among those whose probability reaches its
+    threshold (``thresholds`` maps label name → value, default 0.5), else background.
+    """
+    method = config.get("method", "argmax") or "argmax"
+    if method == "argmax":
+        return argmax_labels
+    if method != "threshold":
+        raise MedSegAIInputError(f"post-processing method {method!r} is unknown; use 'argmax' or 'threshold'")
+    thresholds = dict(config.get("thresholds") or {})
+    names = {label.name: int(label.value) for label in labels}
+    unknown = sorted(set(thresholds) - set(names))
+    if unknown:
+        raise MedSegAIInputError(f"thresholds name unknown label(s) {unknown}; use names from {sorted(names)}")
+    limits = np.full(num_classes - 1, np.inf, dtype=np.float32)
+    for name, value in names.items():
+        limits[value - 1] = float(thresholds.get(name, 0.5))
+
+    def threshold(probabilities: np.ndarray) -> np.ndarray:
+        foreground = probabilities[..., 1:]
+        passed = foreground >= limits
+        best = np.argmax(np.where(passed, foreground, np.float32(-1.0)), axis=-1)
+        return np.where(passed.any(axis=-1), best + 1, 0).astype(np.uint8)
+
+    return threshold
+
+
+class _Clock:
+    """Seconds per stage, with the time spent inside ``predict`` counted as ``model``."""
+
+    def __init__(self, predict: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.seconds = {"preprocess": 0.0, "model": 0.0, "stitch": 0.0, "postprocess": 0.0}
+        self._predict = predict
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            return self._predict(batch)
+        finally:
+            self.seconds["model"] += time.perf_counter() - start
+
+
+class _RowMapper:
+    """Maps streamed probability rows (model grid) to labels on the input grid, a few rows at a time.
+
+    Rows arrive along axis 0 in order; source rows are kept only while an output row still needs
+    them. Probabilities are interpolated linearly (axis 0 first, at the model's in-plane size,
+    then in-plane) before ``decide``; the labels are written into ``out``, a ``(n0, n1, n2)``
+    uint8 (possibly strided) view.
+    """
+
+    def __init__(self, source_rows: int, out: np.ndarray, decide: Callable[[np.ndarray], np.ndarray], classes: int) -> None:
+        self.out = out
+        self.decide = decide
+        self.classes = classes
+        self.identity_rows = source_rows == out.shape[0]
+        if self.identity_rows:
+            self.i0 = self.i1 = np.arange(out.shape[0], dtype=np.intp)
+            self.weight = np.zeros(out.shape[0], dtype=np.float32)
+        else:
+            self.i0, self.i1, self.weight = linear_weights(source_rows, out.shape[0])
+        self.next_row = 0
+        self.next_source = 0
+        self.buffer: np.ndarray | None = None
+        self.buffer_start = 0
+
+    def _chunk_rows(self) -> int:
+        source = self.buffer.shape[1] * self.buffer.shape[2] if self.buffer is not None else 1
+        per_row = max(source, self.out.shape[1] * self.out.shape[2]) * self.classes * 4 * 3
+        return max(1, STREAM_BUDGET_BYTES // per_row)
+
+    def push(self, first: int, rows: np.ndarray) -> None:
+        """Take source rows ``first .. first + len(rows)`` (``(n, a, b, K)`` float32)."""
+        if first != self.next_source:
+            raise ValueError(f"rows must arrive in order without gaps: expected row {self.next_source}, got {first}")
+        self.next_source = first + len(rows)
+        if self.buffer is None or len(self.buffer) == 0:
+            self.buffer, self.buffer_start = rows, first
+        else:
+            self.buffer = np.concatenate([self.buffer, rows], axis=0)
+        ready = int(np.searchsorted(self.i1, self.next_source, side="left"))  # outputs whose sources all arrived
+        step = self._chunk_rows()
+        for start in range(self.next_row, ready, step):
+            stop = min(start + step, ready)
+            self.out[start:stop] = self._labels(start, stop)
+        self.next_row = max(self.next_row, ready)
+        if self.next_row < len(self.i0):
+            keep = int(self.i0[self.next_row]) - self.buffer_start
+            if keep > 0:
+                self.buffer = self.buffer[keep:].copy()
+                self.buffer_start += keep
+        else:
+            self.buffer = None
+
+    def _labels(self, start: int, stop: int) -> np.ndarray:
+        if self.identity_rows:
+            probabilities = self.buffer[start - self.buffer_start : stop - self.buffer_start]
+        else:
+            probabilities = self.buffer[self.i0[start:stop] - self.buffer_start]
+            high = self.buffer[self.i1[start:stop] - self.buffer_start]
+            high -= probabilities
+            high *= self.weight[start:stop, None, None, None]
+            probabilities += high
+            del high
+        resampled = resample_axis_aligned(probabilities, self.out.shape[1:3], order=1, axes=(1, 2))
+        return self.decide(resampled)
+
+    def check_complete(self) -> None:
+        if self.next_row != self.out.shape[0]:
+            raise RuntimeError(f"only {self.next_row} of {self.out.shape[0]} rows were mapped back")
+
+
+def _report(progress: ProgressFn | None, stage: str, done: int, total: int, message: str = "") -> None:
+    if progress is not None:
+        progress(stage, done, total, message)
+
+
+def _check_cancel(should_cancel: Callable[[], bool] | None) -> None:
+    if should_cancel is not None and should_cancel():
+        raise CancelledError("segmentation cancelled")
+
+
+def _check_inputs(volumes: Sequence[Volume], card: Any) -> None:
+    if isinstance(volumes, Volume) or not isinstance(volumes, Sequence) or not volumes:
+        raise TypeError("volumes must be a non-empty list of Volume objects, one per model channel")
+    names = [channel.name for channel in card.channels]
+    if len(volumes) != len(names):
+        raise MedSegAIInputError(
+            f"the model needs {len(names)} input channel(s) ({', '.join(names)}) but {len(volumes)} "
+            f"image(s) were given; give one image per channel in this order"
+        )
+    first = volumes[0]
+    for name, volume in zip(names, volumes):
+        if np.asarray(volume.array).ndim != 3:
+            raise MedSegAIInputError(f"channel {name!r} is not a 3D image (shape {volume.array.shape}); give a 3D volume")
+        if volume.array.shape != first.array.shape:
+            raise MedSegAIInputError(
+                f"channel {name!r} has shape {volume.array.shape} but the first channel has {first.array.shape}; "
+                f"resample all channels onto the first channel's grid"
+            )
+    if card.spatial.mode not in ("2d", "3d"):
+        raise ValueError(f"card.spatial.mode must be '2d' or '3d', got {card.spatial.mode!r}")
+
+
+def _segment_2d(
+    views: list[np.ndarray],
+    out: np.ndarray,
+    spacing_zyx: tuple[float, float, float],
+    card: Any,
+    specs: list[Mapping[str, Any]],
+    stats: list[dict[str, float]],
+    decide: Callable[[np.ndarray], np.ndarray],
+    clock: _Clock,
+    options: SegmentOptions,
+    batch_size: int,
+    progress: ProgressFn | None,
+    should_cancel: Callable[[], bool] | None,
+) -> None:
+    spatial = card.spatial
+    axis = _SLICING_AXIS.get(getattr(spatial, "axis", None) or "axial")
+    if axis is None:
+        raise ValueError(f"card.spatial.axis must be axial, coronal or sagittal, got {spatial.axis!r}")
+    slabs = [np.moveaxis(view, axis, 0) for view in views]  # (S, rows, cols) views
+    out_slices = np.moveaxis(out, axis, 0)
+    count, rows, cols = slabs[0].shape
+    target = list(spatial.target_spacing) if spatial.target_spacing is not None else [None, None, None]
+    target[2 - axis] = None  # slices are independent: never resample across them
+    shape_zyx = tuple(out.shape)
+    model_shape, _ = target_grid(shape_zyx, spacing_zyx[::-1], target)
+    plane = tuple(n for a, n in enumerate(model_shape) if a != axis)
+    patch = tuple(int(p) for p in spatial.patch_size)
+    if len(patch) != 2:
+        raise ValueError(f"a 2d model needs a (y, x) patch_size, got {patch}")
+    channels, classes = len(views), int(card.num_classes)
+    per_slice = len(window_grid(plane, patch, options.overlap))
+    total_windows = count * per_slice
+    slice_bytes = 4 * (plane[0] * plane[1] * (classes + 2 * channels) + rows * cols * (classes + channels))
+    slab_size = max(STREAM_BUDGET_BYTES // slice_bytes, math.ceil(batch_size / per_slice), 1)
+    slab_size = min(count, slab_size)
+    mapper = _RowMapper(count, out_slices, decide, classes)
+
+    done = 0
+    for first in range(0, count, slab_size):
+        _check_cancel(should_cancel)
+        last = min(count, first + slab_size)
+        start = time.perf_counter()
+        batch = np.empty((last - first,) + plane + (channels,), dtype=np.float32)
+        for c in range(channels):
+            normalised = normalize(slabs[c][first:last], specs[c], stats[c])
+            batch[..., c] = resample_axis_aligned(normalised, plane, order=1, axes=(1, 2))
+            del normalised
+        clock.seconds["preprocess"] += time.perf_counter() - start
+
+        start, model_before = time.perf_counter(), clock.seconds["model"]
+        probabilities = sliding_window_2d(
+            batch,
+            clock.predict,
+            patch,
+            options.overlap,
+            batch_size,
+            tta=options.tta,
+            divisible_by=int(getattr(spatial, "divisible_by", 1) or 1),
+            num_classes=classes,
+            progress=lambda d, t, offset=done: _report(progress, "model", offset + d, total_windows),
+            should_cancel=should_cancel,
+        )
+        del batch
+        mapper.push(first, probabilities)
+        del probabilities
+        done += (last - first) * per_slice
+        clock.seconds["stitch"] += time.perf_counter() - start - (clock.seconds["model"] - model_before)
+    mapper.check_complete()
+
+
+def _segment_3d(
+    views: list[np.ndarray],
+    out: np.ndarray,
+    spacing_zyx: tuple[float, float, float],
+    card: Any,
+    specs: list[Mapping[str, Any]],
+    stats: list[dict[str, float]],
+    decide: Callable[[np.ndarray], np.ndarray],
+    clock: _Clock,
+    options: SegmentOptions,
+    batch_size: int,
+    progress: ProgressFn | None,
+    should_cancel: Callable[[], bool] | None,
+) -> None:
+    spatial = card.spatial
+    patch = tuple(int(p) for p in spatial.patch_size)
+    if len(patch) != 3:
+        raise ValueError(f"a 3d model needs a (z, y, x) patch_size, got {patch}")
+    model_shape, _ = target_grid(tuple(out.shape), spacing_zyx[::-1], spatial.target_spacing)
+    channels, classes = len(views), int(card.num_classes)
+
+    start = time.perf_counter()
+    image: np.ndarray | None = None
+    for c in range(channels):
+        _check_cancel(should_cancel)
+        resampled = resample_axis_aligned(normalize(views[c], specs[c], stats[c]), model_shape, order=1)
+        if channels == 1:
+            image = resampled[..., None]
+        else:
+            if image is None:
+                image = np.empty(tuple(model_shape) + (channels,), dtype=np.float32)
+            image[..., c] = resampled
+        del resampled
+        _report(progress, "preprocess", c + 1, channels)
+    clock.seconds["preprocess"] += time.perf_counter() - start
+
+    start, model_before = time.perf_counter(), clock.seconds["model"]
+    mapper = _RowMapper(model_shape[0], out, decide, classes)
+    total_windows = len(window_grid(model_shape, patch, options.overlap))
+    sliding_window_3d(
+        image,
+        clock.predict,
+        patch,
+        options.overlap,
+        batch_size,
+        tta=options.tta,
+        divisible_by=int(getattr(spatial, "divisible_by", 1) or 1),
+        num_classes=classes,
+        consumer=mapper.push,
+        progress=lambda d, t: _report(progress, "model", d, total_windows),
+        should_cancel=should_cancel,
+    )
+    mapper.check_complete()
+    clock.seconds["stitch"] += time.perf_counter() - start - (clock.seconds["model"] - model_before)
+
+
+def segment_volumes(
+    volumes: Sequence[Volume],
+    card: Any,
+    predict: Any,
+    options: SegmentOptions | None = None,
+    progress: ProgressFn | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    timings: dict[str, float] | None = None,
+) -> Volume:
+    """Segment one case: channels on one grid in, uint8 labels on exactly the same grid out.
+
+    Args:
+        volumes: one :class:`Volume` per model channel, in the card's channel order, all with the
+            first one's shape (``validation.check_channels`` resamples them beforehand).
+        card: the model card (``channels``, ``labels``, ``num_classes``, ``spatial``,
+            ``postprocessing``).
+        predict: a callable or an object with ``.predict``: float32 channels-last batch →
+            float32 probabilities ``(N, ..., K)``, class index == label value.
+        options: overlap, TTA, batch size and post-processing overrides.
+        progress: ``progress(stage, done, total, message="")`` with stages ``preprocess``,
+            ``model`` (windows), ``stitch``, ``postprocess``.
+        should_cancel: polled between batches and slabs; True raises :class:`errors.CancelledError`.
+        timings: when given, filled with seconds for ``preprocess``, ``model`` (inside
+            ``predict`` only), ``stitch`` (blending, mapping back, argmax) and ``postprocess``.
+
+    Returns:
+        A uint8 ``(z, y, x)`` label :class:`Volume` with the first volume's shape, spacing, origin
+        and direction.
+    """
+    options = options if options is not None else SegmentOptions()
+    if not isinstance(options, SegmentOptions):
+        raise TypeError(f"options must be SegmentOptions or None, got {type(options).__name__}")
+    _check_inputs(volumes, card)
+    network = getattr(predict, "predict", predict)
+    if not callable(network):
+        raise TypeError(f"predict must be callable or have a .predict method, got {type(predict).__name__}")
+    clock = _Clock(network)
+    config = {**dict(getattr(card, "postprocessing", None) or {}), **dict(options.postprocessing or {})}
+    classes = int(card.num_classes)
+    decide = decide_labels(config, card.labels, classes)
+    mode = card.spatial.mode
+    batch_size = int(options.batch_size or getattr(card.spatial, "batch_size", None) or DEFAULT_BATCH_SIZE[mode])
+
+    start = time.perf_counter()
+    _report(progress, "preprocess", 0, len(volumes))
+    first = volumes[0]
+    view, reorientation = reorient_to_canonical(np.asarray(first.array), first.direction, first.spacing, first.origin)
+    views = [view] + [reorientation.to_canonical(np.asarray(v.array)) for v in volumes[1:]]
+    specs = [dict(channel.normalization) for channel in card.channels]
+    stats = []
+    for channel_view, spec in zip(views, specs):
+        _check_cancel(should_cancel)
+        stats.append(intensity_statistics(channel_view, spec))
+    labels = np.zeros(first.array.shape, dtype=np.uint8)
+    labels_view = reorientation.to_canonical(labels)  # writes land in the original layout
+    spacing_zyx = tuple(reorientation.spacing[::-1])
+    clock.seconds["preprocess"] += time.perf_counter() - start
+    if mode == "2d":
+        _report(progress, "preprocess", len(volumes), len(volumes))
+
+    segment = _segment_2d if mode == "2d" else _segment_3d
+    segment(views, labels_view, spacing_zyx, card, specs, stats, decide, clock, options, batch_size, progress, should_cancel)
+    _report(progress, "stitch", 1, 1)
+
+    _check_cancel(should_cancel)
+    start = time.perf_counter()
+    _report(progress, "postprocess", 0, 1)
+    names = {int(label.value): label.name for label in card.labels}
+    labels = postprocess(labels, first.spacing, config, names)
+    clock.seconds["postprocess"] += time.perf_counter() - start
+    _report(progress, "postprocess", 1, 1)
+    if timings is not None:
+        timings.update(clock.seconds)
+    return Volume(
+        array=labels,
+        spacing=tuple(first.spacing),
+        origin=tuple(first.origin),
+        direction=np.array(first.direction, dtype=float, copy=True),
+        metadata={},
+    )

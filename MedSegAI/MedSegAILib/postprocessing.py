@@ -1,0 +1,149 @@
+"""Label-map post-processing: largest component, hole filling, small-island removal.
+
+All operations work on a ``(z, y, x)`` uint8 label map, one label at a time, restricted to that
+label's bounding box (``scipy.ndimage.find_objects``) so that small structures in big volumes
+cost little. Connected components use full (26-) connectivity; holes are background regions
+(6-connected) not connected to the outside of the label's bounding box, which gives the same
+result as on the whole volume.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import MedSegAIInputError
+
+__all__ = ["postprocess", "POSTPROCESSING_KEYS"]
+
+POSTPROCESSING_KEYS = ("method", "thresholds", "largest_component", "fill_holes", "min_island_mm3")
+
+_FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+
+def _selected(option: Any, key: str, label_names: Mapping[int, str]) -> list[int]:
+    """Label values an option (bool or list of label names) applies to."""
+    if option is None or option is False:
+        return []
+    if option is True:
+        return sorted(int(v) for v in label_names if int(v) > 0)
+    if isinstance(option, str) or not isinstance(option, Sequence):
+        raise MedSegAIInputError(
+            f"post-processing option {key!r} must be true, false or a list of label names, got {option!r}; "
+            "fix the model card or the override"
+        )
+    values_by_name = {name: int(value) for value, name in label_names.items()}
+    unknown = [name for name in option if name not in values_by_name]
+    if unknown:
+        raise MedSegAIInputError(
+            f"post-processing option {key!r} names unknown label(s) {unknown}; use names from {sorted(values_by_name)}"
+        )
+    return sorted({values_by_name[name] for name in option})
+
+
+def _boxes(labels: np.ndarray) -> list[tuple[slice, ...] | None]:
+    return ndimage.find_objects(labels)
+
+
+def _remove_small_islands(labels: np.ndarray, min_mm3: float, voxel_mm3: float) -> None:
+    for index, box in enumerate(_boxes(labels)):
+        if box is None:
+            continue
+        value = index + 1
+        region = labels[box]
+        mask = region == value
+        components, count = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
+        if count == 0:
+            continue
+        sizes = np.bincount(components.ravel(), minlength=count + 1)
+        small = sizes * voxel_mm3 < min_mm3
+        small[0] = False
+        if small.any():
+            region[small[components]] = 0
+
+
+def _keep_largest(labels: np.ndarray, values: list[int]) -> None:
+    boxes = _boxes(labels)
+    for value in values:
+        if value > len(boxes) or boxes[value - 1] is None:
+            continue
+        region = labels[boxes[value - 1]]
+        mask = region == value
+        components, count = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
+        if count <= 1:
+            continue
+        sizes = np.bincount(components.ravel(), minlength=count + 1)
+        sizes[0] = 0
+        region[mask & (components != int(np.argmax(sizes)))] = 0
+
+
+def _fill_holes(labels: np.ndarray, values: list[int]) -> None:
+    boxes = _boxes(labels)
+    for value in values:
+        if value > len(boxes) or boxes[value - 1] is None:
+            continue
+        region = labels[boxes[value - 1]]
+        mask = region == value
+        filled = ndimage.binary_fill_holes(mask)
+        region[filled & (region == 0)] = value
+
+
+def postprocess(
+    labels: np.ndarray,
+    spacing: Sequence[float],
+    config: Mapping[str, Any] | None,
+    label_names: Mapping[int, str],
+) -> np.ndarray:
+    """Apply the model card's post-processing to a label map.
+
+    Order: remove islands under ``min_island_mm3`` (every label), keep the largest connected
+    component (``largest_component``), fill holes (``fill_holes``; only background voxels are
+    filled, other labels are never overwritten).
+
+    Args:
+        labels: ``(z, y, x)`` uint8 label map.
+        spacing: voxel size ``(x, y, z)`` in mm (for ``min_island_mm3``).
+        config: post-processing dict (``largest_component`` / ``fill_holes``: bool or list of label
+            names; ``min_island_mm3``: number). ``method``/``thresholds`` are used by inference and
+            ignored here. None or ``{}`` does nothing.
+        label_names: label value → name (foreground labels of the model).
+
+    Returns:
+        A new uint8 ``(z, y, x)`` label map (the input is not modified).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be a (z, y, x) array, got shape {labels.shape}")
+    if labels.dtype != np.uint8:
+        raise TypeError(f"labels must be uint8, got {labels.dtype}")
+    if len(spacing) != 3 or not all(float(s) > 0 for s in spacing):
+        raise ValueError(f"spacing must be 3 positive values (x, y, z), got {tuple(spacing)!r}")
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(POSTPROCESSING_KEYS))
+    if unknown:
+        raise MedSegAIInputError(
+            f"unknown post-processing option(s) {unknown}; use only {list(POSTPROCESSING_KEYS)}"
+        )
+    result = np.array(labels, dtype=np.uint8, order="C", copy=True)
+
+    min_island = config.get("min_island_mm3") or 0
+    try:
+        min_island = float(min_island)
+    except (TypeError, ValueError) as e:
+        raise MedSegAIInputError(f"min_island_mm3 must be a number of mm³, got {min_island!r}") from e
+    if min_island < 0:
+        raise MedSegAIInputError(f"min_island_mm3 must be >= 0, got {min_island!r}")
+    largest = _selected(config.get("largest_component"), "largest_component", label_names)
+    holes = _selected(config.get("fill_holes"), "fill_holes", label_names)
+
+    if min_island > 0:
+        voxel_mm3 = float(np.prod([float(s) for s in spacing]))
+        _remove_small_islands(result, min_island, voxel_mm3)
+    if largest:
+        _keep_largest(result, largest)
+    if holes:
+        _fill_holes(result, holes)
+    return result

@@ -1,0 +1,245 @@
+"""A PNG that shows a segmentation without Slicer: three orthogonal slices with the segments overlaid.
+
+The slices go through the centre of the segmented region's bounding box (the volume centre when
+nothing is segmented). They are shown in radiological convention whatever the file's voxel order:
+
+- axial: anterior at the top, the patient's right on the image's left;
+- coronal: superior at the top, the patient's right on the image's left;
+- sagittal: superior at the top, anterior on the image's left.
+
+Pixel aspect ratios come from the voxel spacing, so anisotropic volumes are not squashed. Arrays are
+``(z, y, x)`` numpy arrays as everywhere in the engine (:class:`~MedSegAILib.image.Volume`).
+matplotlib is imported inside :func:`render_preview` only (Agg canvas, no pyplot global state).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MedSegAIInputError
+from .image import Volume
+
+__all__ = ["render_preview", "canonical_lps_array"]
+
+_OVERLAY_ALPHA = 0.45
+# an image whose darkest voxels are below -500 is taken for CT in Hounsfield units and shown in a
+# soft-tissue window (level 40, width 400)
+_HU_AIR_THRESHOLD = -500.0
+_CT_SOFT_TISSUE_WINDOW = (-160.0, 240.0)
+
+
+def _label_entries(labels_spec: Any) -> list[tuple[int, str, tuple[float, float, float]]]:
+    """``(value, name, rgb)`` for each label of a ModelCard, LabelSpec list or dict list."""
+    items = getattr(labels_spec, "labels", labels_spec)
+    if isinstance(items, Mapping) or not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
+        raise TypeError(
+            f"labels_spec must be a ModelCard or a sequence of labels with name/value/color, got {type(labels_spec).__name__}"
+        )
+    entries = []
+    for item in items:
+        if isinstance(item, Mapping):
+            value, name, color = item.get("value"), item.get("name"), item.get("color")
+        else:
+            value, name, color = getattr(item, "value", None), getattr(item, "name", None), getattr(item, "color", None)
+        if not isinstance(value, (int, np.integer)) or not 1 <= int(value) <= 255:
+            raise ValueError(f"label value must be an integer 1..255, got {value!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"label name must be a non-empty string, got {name!r}")
+        try:
+            rgb = tuple(float(c) for c in color)  # type: ignore[union-attr]
+        except TypeError as e:
+            raise ValueError(f"label {name!r} needs a colour of 3 numbers in [0, 1], got {color!r}") from e
+        if len(rgb) != 3 or not all(0.0 <= c <= 1.0 for c in rgb):
+            raise ValueError(f"label {name!r} needs a colour of 3 numbers in [0, 1], got {color!r}")
+        entries.append((int(value), name, rgb))  # type: ignore[arg-type]
+    return entries
+
+
+def canonical_lps_array(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A view of ``volume.array`` permuted/flipped so that index axes point to L, P and S.
+
+    Oblique directions are snapped to the nearest axes (no resampling), which is what a preview
+    needs.
+
+    Args:
+        volume: any 3D volume.
+
+    Returns:
+        ``(array, spacing)``: the ``(z, y, x)`` view with x towards patient left, y towards
+        posterior and z towards superior, and its spacing in ``(x, y, z)`` order.
+    """
+    direction = np.asarray(volume.direction, dtype=float)
+    # physical axis (0=L, 1=P, 2=S) that each index axis (0=i/x, 1=j/y, 2=k/z) follows most closely
+    axis_of_index = [int(np.argmax(np.abs(direction[:, c]))) for c in range(3)]
+    if sorted(axis_of_index) != [0, 1, 2]:
+        raise MedSegAIInputError(
+            f"the image direction {direction.round(3).tolist()} is too oblique to show as axial/coronal/sagittal "
+            "slices; resample the image onto an axis-aligned grid first."
+        )
+    array = volume.array
+    # numpy axis of index axis c is 2 - c; flip index axes that point to R, A or I
+    for c in range(3):
+        if direction[axis_of_index[c], c] < 0:
+            array = np.flip(array, axis=2 - c)
+    # reorder numpy axes to (S, P, L)
+    numpy_axis_of_physical = {axis_of_index[c]: 2 - c for c in range(3)}
+    array = np.transpose(array, (numpy_axis_of_physical[2], numpy_axis_of_physical[1], numpy_axis_of_physical[0]))
+    spacing_of_physical = {axis_of_index[c]: volume.spacing[c] for c in range(3)}
+    spacing = (spacing_of_physical[0], spacing_of_physical[1], spacing_of_physical[2])
+    return array, spacing
+
+
+def _slice_centre(labels: np.ndarray) -> tuple[int, int, int]:
+    """Centre ``(z, y, x)`` of the bounding box of the non-zero voxels (array centre if none)."""
+    nonzero = [np.flatnonzero(np.any(labels, axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    if any(index.size == 0 for index in nonzero):
+        return tuple(s // 2 for s in labels.shape)  # type: ignore[return-value]
+    return tuple(int((index[0] + index[-1]) // 2) for index in nonzero)  # type: ignore[return-value]
+
+
+def _display_window(image: np.ndarray, window: tuple[float, float] | None) -> tuple[float, float]:
+    if window is not None:
+        low, high = (float(w) for w in window)
+        if not low < high:
+            raise ValueError(f"window must be (low, high) with low < high, got {window!r}")
+        return low, high
+    sample = image[:: max(1, image.shape[0] // 32)]
+    finite = sample[np.isfinite(sample)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(finite, [0.5, 99.5])
+    if low < _HU_AIR_THRESHOLD:
+        return _CT_SOFT_TISSUE_WINDOW
+    return (float(low), float(high)) if high > low else (float(low), float(low) + 1.0)
+
+
+def _overlay_rgba(labels2d: np.ndarray, colors: dict[int, tuple[float, float, float]]) -> np.ndarray:
+    rgba = np.zeros(labels2d.shape + (4,), dtype=np.float32)
+    for value, rgb in colors.items():
+        mask = labels2d == value
+        if mask.any():
+            rgba[mask] = (*rgb, _OVERLAY_ALPHA)
+    return rgba
+
+
+def render_preview(
+    image: Volume,
+    labels: Volume,
+    labels_spec: Any,
+    path: str | os.PathLike[str],
+    *,
+    title: str | None = None,
+    window: tuple[float, float] | None = None,
+    overwrite: bool = False,
+    dpi: int = 100,
+) -> Path:
+    """Write a PNG with axial, coronal and sagittal slices, the segments overlaid, and a legend.
+
+    Args:
+        image: the grey-value volume, ``array`` ``(z, y, x)``.
+        labels: the label map on the same grid as ``image`` (integer values, 0 = background).
+        labels_spec: a :class:`~MedSegAILib.modelcard.ModelCard`, or a sequence of
+            :class:`~MedSegAILib.modelcard.LabelSpec` or of dicts with ``name``, ``value`` and
+            ``color`` (RGB in [0, 1]). Label values not listed are drawn in grey.
+        path: the PNG to write (written to a temporary file, then renamed).
+        title: optional figure title (never put patient data here).
+        window: grey-value display range ``(low, high)``; default: a soft-tissue window (-160, 240)
+            for CT in Hounsfield units (0.5 percentile below -500), else the 0.5–99.5 percentiles.
+        overwrite: replace an existing file at ``path``.
+        dpi: resolution of the PNG.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError / ValueError: bad arguments.
+        MedSegAIInputError: the grids differ, or ``path`` exists and ``overwrite`` is false.
+    """
+    if not isinstance(image, Volume) or not isinstance(labels, Volume):
+        raise TypeError(
+            f"image and labels must be Volume objects, got {type(image).__name__} and {type(labels).__name__}"
+        )
+    if image.array.ndim != 3 or labels.array.ndim != 3:
+        raise ValueError(f"image and labels must be 3D, got shapes {image.array.shape} and {labels.array.shape}")
+    if not image.same_grid(labels):
+        raise MedSegAIInputError(
+            f"the labels ({labels.geometry_description()}) are not on the image's grid "
+            f"({image.geometry_description()}); resample the labels onto the image first."
+        )
+    if not isinstance(dpi, int) or dpi < 20:
+        raise ValueError(f"dpi must be an integer >= 20, got {dpi!r}")
+    out = Path(path)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"path must end in .png, got {str(path)!r}")
+    if out.exists() and not overwrite:
+        raise MedSegAIInputError(f"{out} already exists; choose another file name or allow overwriting.")
+    entries = _label_entries(labels_spec)
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    grey, spacing = canonical_lps_array(image)
+    labelmap, _ = canonical_lps_array(labels)
+    low, high = _display_window(grey, window)
+    colors = {value: rgb for value, _, rgb in entries}
+    for value in np.unique(labelmap):
+        if value != 0 and int(value) not in colors:
+            colors[int(value)] = (0.6, 0.6, 0.6)
+    cz, cy, cx = _slice_centre(labelmap)
+    sx, sy, sz = spacing
+    # (title, grey slice, label slice, pixel aspect = row spacing / column spacing)
+    views = [
+        ("axial", grey[cz], labelmap[cz], sy / sx),
+        ("coronal", grey[::-1, cy, :], labelmap[::-1, cy, :], sz / sx),
+        ("sagittal", grey[::-1, :, cx], labelmap[::-1, :, cx], sz / sy),
+    ]
+    widths = [v[1].shape[1] for v in views]
+    heights = [v[1].shape[0] * v[3] for v in views]
+    figure = Figure(figsize=(12, 4.6))
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 3, gridspec_kw={"width_ratios": [w / max(heights) for w in widths]})
+    for axis, (name, grey2d, labels2d, aspect) in zip(axes, views):
+        axis.imshow(np.asarray(grey2d, dtype=np.float32), cmap="gray", vmin=low, vmax=high, aspect=aspect,
+                    interpolation="nearest")
+        axis.imshow(_overlay_rgba(np.asarray(labels2d), colors), aspect=aspect, interpolation="nearest")
+        axis.set_title(name)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    axes[0].text(0.01, 0.5, "R", color="yellow", transform=axes[0].transAxes, va="center")
+    axes[0].text(0.97, 0.5, "L", color="yellow", transform=axes[0].transAxes, va="center")
+    axes[0].text(0.5, 0.97, "A", color="yellow", transform=axes[0].transAxes, ha="center", va="top")
+    axes[1].text(0.01, 0.5, "R", color="yellow", transform=axes[1].transAxes, va="center")
+    axes[1].text(0.97, 0.5, "L", color="yellow", transform=axes[1].transAxes, va="center")
+    axes[2].text(0.01, 0.5, "A", color="yellow", transform=axes[2].transAxes, va="center")
+    axes[2].text(0.97, 0.5, "P", color="yellow", transform=axes[2].transAxes, va="center")
+    present = set(int(v) for v in np.unique(labelmap)) - {0}
+    names = {value: name for value, name, _ in entries}
+    handles = [
+        Patch(facecolor=colors[value], edgecolor="black", label=names.get(value, f"label {value}"))
+        for value in sorted(present)
+    ]
+    if handles:
+        figure.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
+    else:
+        figure.text(0.5, 0.02, "no segments", ha="center")
+    if title:
+        figure.suptitle(title)
+    figure.subplots_adjust(left=0.01, right=0.99, top=0.9 if title else 0.95, bottom=0.1, wspace=0.03)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=out.parent)
+    os.close(handle)
+    try:
+        figure.savefig(temp_name, dpi=dpi, format="png")
+        os.replace(temp_name, out)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,214 @@
+"""Slicer segmentation files (``.seg.nrrd``): one labelmap layer, one named segment per label.
+
+The file is a gzip NRRD in LPS space whose grid is exactly the labels' grid, with Slicer's
+``Segment<N>_*`` header fields (ID, name, colour, label value, layer, extent, terminology tags),
+written through :mod:`slicerio` so that ``slicerio.read_segmentation`` and 3D Slicer read back
+the same names, colours, label values and terminology.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import MedSegAIInputError
+from .image import Volume
+from .imageio import atomic_output
+
+__all__ = ["write_segmentation", "read_segmentation_labels", "label_entries", "DEFAULT_TERMINOLOGY_CONTEXT"]
+
+DEFAULT_TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+_CODE_KEYS = (("category", "category"), ("type", "type"), ("type_modifier", "typeModifier"))
+_COMPRESSION_LEVEL = 6
+
+
+def label_entries(labels_spec: Any) -> list[dict[str, Any]]:
+    """Normalise a label list to dicts with ``name``, ``value`` and, when given, ``color``/``terminology``.
+
+    Args:
+        labels_spec: sequence of label dicts (``model.json`` ``labels`` entries) or of objects with
+            ``name``/``value`` attributes, or an object with a ``.labels`` attribute (model card).
+
+    Raises:
+        TypeError: an entry has no name or value.
+        ValueError: a value is not an integer in 1..65535, or values/names repeat.
+    """
+    if hasattr(labels_spec, "labels"):
+        labels_spec = labels_spec.labels
+    if isinstance(labels_spec, (str, bytes, Mapping)) or not isinstance(labels_spec, Sequence):
+        raise TypeError(f"labels_spec must be a sequence of label dicts, got {type(labels_spec).__name__}")
+    entries = []
+    for item in labels_spec:
+        if isinstance(item, Mapping):
+            entry = dict(item)
+        elif hasattr(item, "name") and hasattr(item, "value"):
+            entry = {k: getattr(item, k) for k in ("name", "value", "color", "terminology") if hasattr(item, k)}
+        else:
+            raise TypeError(f"label entry {item!r} has no name and value")
+        if "name" not in entry or "value" not in entry:
+            raise TypeError(f"label entry {item!r} needs 'name' and 'value'")
+        value = entry["value"]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= int(value) <= 65535:
+            raise ValueError(f"label value must be an integer in 1..65535, got {value!r} for {entry['name']!r}")
+        entry["value"] = int(value)
+        entries.append(entry)
+    values = [e["value"] for e in entries]
+    if len(set(values)) != len(values):
+        raise ValueError(f"label values repeat: {values}")
+    return entries
+
+
+def _to_slicerio_terminology(terminology: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"contextName": str(terminology.get("context") or DEFAULT_TERMINOLOGY_CONTEXT)}
+    for ours, theirs in _CODE_KEYS:
+        if ours in terminology:
+            code = terminology[ours]
+            out[theirs] = [str(code["scheme"]), str(code["code"]), str(code["meaning"])]
+    if "category" not in out or "type" not in out:
+        raise ValueError(f"terminology needs 'category' and 'type', got {sorted(terminology)}")
+    if "anatomic_region" in terminology:
+        code = terminology["anatomic_region"]
+        out["anatomicContextName"] = _ANATOMIC_CONTEXT
+        out["anatomicRegion"] = [str(code["scheme"]), str(code["code"]), str(code["meaning"])]
+    return out
+
+
+def _from_slicerio_terminology(terminology: Mapping[str, Any]) -> dict[str, Any]:
+    def code(triple: Sequence[str]) -> dict[str, str]:
+        return {"scheme": triple[0], "code": triple[1], "meaning": triple[2]}
+
+    out: dict[str, Any] = {}
+    if terminology.get("contextName"):
+        out["context"] = terminology["contextName"]
+    for ours, theirs in _CODE_KEYS:
+        if theirs in terminology:
+            out[ours] = code(terminology[theirs])
+    if "anatomicRegion" in terminology:
+        out["anatomic_region"] = code(terminology["anatomicRegion"])
+    return out
+
+
+def write_segmentation(
+    path: str | os.PathLike, labels: Volume, labels_spec: Any, overwrite: bool = False
+) -> Path:
+    """Write a labelmap as a Slicer ``.seg.nrrd`` file, atomically.
+
+    Args:
+        path: output file; must end with ``.seg.nrrd``.
+        labels: integer labelmap, array ``(z, y, x)``; its grid (shape, spacing, origin,
+            direction, LPS) becomes the file's grid unchanged.
+        labels_spec: the labels (see :func:`label_entries`): ``name``, ``value``, optional
+            ``color`` (3 floats in 0..1) and ``terminology`` (``category``/``type``/
+            ``type_modifier``/``anatomic_region``, each ``{scheme, code, meaning}``). Every label
+            becomes a segment, also when it has no voxel.
+        overwrite: replace an existing file.
+
+    Returns:
+        The written path.
+
+    Raises:
+        MedSegAIInputError: ``path`` does not end with ``.seg.nrrd`` or exists (without ``overwrite``).
+        ValueError: the labels hold values that no label entry names, or bad entries.
+        TypeError: ``labels`` is not an integer :class:`Volume`.
+    """
+    import slicerio
+
+    path = Path(path)
+    if not path.name.lower().endswith(".seg.nrrd"):
+        raise MedSegAIInputError(f"{path} is not a .seg.nrrd file name; end the output name with .seg.nrrd.")
+    if not isinstance(labels, Volume) or labels.array.ndim != 3:
+        raise TypeError("labels must be a 3D Volume")
+    if labels.array.dtype.kind not in "iub":
+        raise TypeError(f"labels must hold integers, got {labels.array.dtype}")
+    entries = label_entries(labels_spec)
+    values = {e["value"] for e in entries}
+    present = {int(v) for v in np.unique(labels.array)} - {0}
+    if present - values:
+        raise ValueError(f"labels contain values {sorted(present - values)} that labels_spec does not name")
+    dtype = np.uint8 if max(values | {0}) <= 255 else np.uint16
+    voxels = np.ascontiguousarray(labels.array, dtype=dtype)
+    nz, ny, nx = voxels.shape
+    segments = []
+    for entry in entries:
+        segment: dict[str, Any] = {
+            "id": f"Segment_{entry['value']}",
+            "name": str(entry["name"]),
+            "nameAutoGenerated": False,
+            "labelValue": entry["value"],
+            "layer": 0,
+            "extent": [0, nx - 1, 0, ny - 1, 0, nz - 1],
+        }
+        if entry.get("color") is not None:
+            color = [float(c) for c in entry["color"]]
+            if len(color) != 3 or not all(0.0 <= c <= 1.0 for c in color):
+                raise ValueError(f"color of {entry['name']!r} must be 3 floats in 0..1, got {entry['color']!r}")
+            segment["color"] = color
+            segment["colorAutoGenerated"] = False
+        if entry.get("terminology"):
+            segment["terminology"] = _to_slicerio_terminology(entry["terminology"])
+        segments.append(segment)
+    segmentation = {
+        "voxels": voxels,
+        "ijkToLPS": labels.index_to_physical_matrix(),
+        "containedRepresentationNames": ["Binary labelmap"],
+        "masterRepresentation": "Binary labelmap",
+        "referenceImageExtentOffset": [0, 0, 0],
+        "segments": segments,
+    }
+    with atomic_output(path, overwrite) as temp:
+        slicerio.write_segmentation(str(temp), segmentation, compression_level=_COMPRESSION_LEVEL, index_order="C")
+    return path
+
+
+def read_segmentation_labels(path: str | os.PathLike) -> tuple[Volume, list[dict[str, Any]]]:
+    """Read a ``.seg.nrrd`` file back as a labelmap and its label entries.
+
+    Returns:
+        ``(labels, entries)``: labels as a Volume (array ``(z, y, x)``, LPS geometry) and one dict
+        per segment with ``name``, ``value``, ``color`` and (when present) ``terminology`` in the
+        ``model.json`` form.
+
+    Raises:
+        MedSegAIInputError: missing or unreadable file, or a segmentation with several layers
+            (overlapping segments).
+    """
+    import slicerio
+
+    path = Path(path)
+    if not path.is_file():
+        raise MedSegAIInputError(f"segmentation file {path} does not exist; check the path.")
+    try:
+        segmentation = slicerio.read_segmentation(str(path))
+    except Exception as e:  # nrrd/slicerio raise many types for damaged files
+        raise MedSegAIInputError(f"{path} could not be read as a Slicer segmentation; check the file.") from e
+    voxels = segmentation["voxels"]
+    if voxels.ndim != 3:
+        raise MedSegAIInputError(
+            f"{path} has {voxels.shape[0]} layers (overlapping segments); MedSegAI reads single-layer "
+            "segmentations only, so merge the layers in 3D Slicer first."
+        )
+    matrix = np.asarray(segmentation["ijkToLPS"], dtype=float)
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    labels = Volume(
+        array=np.ascontiguousarray(voxels.transpose(2, 1, 0)),
+        spacing=tuple(spacing),
+        origin=tuple(matrix[:3, 3]),
+        direction=matrix[:3, :3] / spacing,
+    )
+    entries = []
+    for segment in segmentation.get("segments", []):
+        entry: dict[str, Any] = {
+            "name": segment.get("name", segment.get("id", "")),
+            "value": segment.get("labelValue", 1),
+        }
+        if "color" in segment:
+            entry["color"] = segment["color"]
+        if "terminology" in segment:
+            entry["terminology"] = _from_slicerio_terminology(segment["terminology"])
+        entries.append(entry)
+    return labels, entries

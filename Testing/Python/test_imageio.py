@@ -1,0 +1,190 @@
+"""imageio: reading image files (real CT/MR), bad inputs each refused clearly, atomic writing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from MedSegAILib import imageio
+from MedSegAILib.errors import MedSegAIInputError
+from MedSegAILib.image import Volume
+
+
+def _oblique_flipped_direction() -> np.ndarray:
+    angle = np.deg2rad(20.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+    return rotation @ np.diag([-1.0, 1.0, 1.0])
+
+
+def test_read_nifti_ct_keeps_int16_and_geometry(ct_small: Path) -> None:
+    volume = imageio.read_volume(ct_small)
+    reference = sitk.ReadImage(str(ct_small))
+    assert volume.array.dtype == np.int16
+    assert volume.shape == (30, 101, 122)
+    assert volume.spacing == pytest.approx(reference.GetSpacing())
+    assert volume.origin == pytest.approx(reference.GetOrigin())
+    np.testing.assert_allclose(volume.direction.reshape(-1), reference.GetDirection())
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(reference))
+
+
+def test_read_int32_ct_is_not_converted(shared_data: Path) -> None:
+    volume = imageio.read_volume(shared_data / "ct-abdomen" / "example_ct.nii.gz")
+    assert volume.array.dtype == np.int32
+    assert volume.shape == (112, 101, 122)
+    assert volume.array.min() < -900 and volume.array.max() > 500
+
+
+def test_read_nrrd_mr(shared_data: Path) -> None:
+    volume = imageio.read_volume(shared_data / "mr-brain-tumor" / "PGBM-001" / "1991-11-19" / "T1post.nrrd")
+    assert volume.shape == (25, 320, 260)
+    assert volume.spacing == pytest.approx((0.6875, 0.6875, 6.5), rel=1e-4)
+    assert volume.array.dtype == np.uint16
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".nii", ".mha"])
+def test_write_read_round_trip_oblique_flipped(tmp_path: Path, ct_small: Path, suffix: str) -> None:
+    source = imageio.read_volume(ct_small)
+    volume = Volume(source.array, (0.7, 0.8, 2.5), (-12.5, 40.25, 7.0), _oblique_flipped_direction())
+    path = imageio.write_volume(tmp_path / f"out{suffix}", volume)
+    back = imageio.read_volume(path)
+    assert back.array.dtype == np.int16
+    np.testing.assert_array_equal(back.array, volume.array)
+    assert back.spacing == pytest.approx(volume.spacing, abs=1e-5)
+    assert back.origin == pytest.approx(volume.origin, abs=1e-4)
+    np.testing.assert_allclose(back.direction, volume.direction, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"out{suffix}"]
+
+
+def test_write_refuses_existing_output(tmp_path: Path, ct_small: Path) -> None:
+    volume = imageio.read_volume(ct_small)
+    target = tmp_path / "labels.nrrd"
+    target.write_bytes(b"precious")
+    with pytest.raises(MedSegAIInputError, match="exists; pass --overwrite"):
+        imageio.write_volume(target, volume)
+    assert target.read_bytes() == b"precious"
+    imageio.write_volume(target, volume, overwrite=True)
+    np.testing.assert_array_equal(imageio.read_volume(target).array, volume.array)
+    assert [p.name for p in tmp_path.iterdir()] == ["labels.nrrd"]
+
+
+def test_atomic_output_failure_leaves_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "result.seg.nrrd"
+    with pytest.raises(KeyboardInterrupt):
+        with imageio.atomic_output(target) as temp:
+            assert temp.parent == tmp_path and temp.name.endswith(".seg.nrrd") and temp != target
+            temp.write_bytes(b"partial")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    existing = tmp_path / "old.csv"
+    existing.write_text("old")
+    with pytest.raises(RuntimeError):
+        with imageio.atomic_output(existing, overwrite=True) as temp:
+            temp.write_text("new")
+            raise RuntimeError("writer failed")
+    assert existing.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["old.csv"]
+
+
+def test_atomic_output_creates_parent_and_renames(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "table.csv"
+    with imageio.atomic_output(target) as temp:
+        temp.write_text("a,b\n")
+    assert target.read_text() == "a,b\n"
+    assert [p.name for p in target.parent.iterdir()] == ["table.csv"]
+
+
+@pytest.mark.parametrize("name", ["out.mhd", "out.png", "out"])
+def test_write_unsupported_suffix(tmp_path: Path, ct_small: Path, name: str) -> None:
+    with pytest.raises(MedSegAIInputError, match="unsupported output type"):
+        imageio.write_volume(tmp_path / name, imageio.read_volume(ct_small))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_suffix() -> None:
+    assert imageio.full_suffix("a/b.seg.nrrd") == ".seg.nrrd"
+    assert imageio.full_suffix("x.NII.GZ") == ".nii.gz"
+    assert imageio.full_suffix("x.v1.nrrd") == ".nrrd"
+    assert imageio.full_suffix("noext") == ""
+
+
+# Bad inputs: each one its own test.
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(MedSegAIInputError, match="does not exist"):
+        imageio.read_volume(tmp_path / "nothing.nii.gz")
+
+
+def test_unsupported_suffix(tmp_path: Path) -> None:
+    path = tmp_path / "photo.png"
+    path.write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(MedSegAIInputError, match=r"unsupported file type '\.png'.*DICOM folder"):
+        imageio.read_volume(path)
+
+
+def test_single_dicom_file_asks_for_folder(shared_data: Path) -> None:
+    path = next((shared_data / "mr-brain-tumor" / "PGBM-001" / "1992-04-02" / "dicom" / "T1post").glob("*.dcm"))
+    with pytest.raises(MedSegAIInputError, match="single DICOM file; pass the folder"):
+        imageio.read_volume(path)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_truncated_file(tmp_path: Path, ct_small: Path, suffix: str) -> None:
+    complete = tmp_path / f"complete{suffix}"
+    sitk.WriteImage(sitk.ReadImage(str(ct_small)), str(complete), useCompression=suffix != ".nii")
+    data = complete.read_bytes()
+    truncated = tmp_path / f"truncated{suffix}"
+    truncated.write_bytes(data[: len(data) * 2 // 3])
+    assert imageio.read_volume(complete).shape == (30, 101, 122)
+    with pytest.raises(MedSegAIInputError, match="could not be read completely"):
+        imageio.read_volume(truncated)
+
+
+def test_garbage_file(tmp_path: Path) -> None:
+    path = tmp_path / "scan.nrrd"
+    path.write_text("this is not an image\n" * 20)
+    with pytest.raises(MedSegAIInputError, match="could not be read as a .nrrd image"):
+        imageio.read_volume(path)
+
+
+def test_2d_image(tmp_path: Path, ct_small: Path) -> None:
+    path = tmp_path / "slice.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(ct_small))[:, :, 10], str(path))
+    with pytest.raises(MedSegAIInputError, match=r"is a 2D image \(122x101 voxels\)"):
+        imageio.read_volume(path)
+
+
+def test_single_slice_3d_image(tmp_path: Path, ct_small: Path) -> None:
+    path = tmp_path / "slice.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(ct_small))[:, :, 10:11], str(path))
+    with pytest.raises(MedSegAIInputError, match=r"is a 2D image \(122x101x1 voxels\)"):
+        imageio.read_volume(path)
+
+
+def test_4d_image(tmp_path: Path, ct_small: Path) -> None:
+    image = sitk.ReadImage(str(ct_small))
+    path = tmp_path / "timeseries.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([image, image]), str(path))
+    with pytest.raises(MedSegAIInputError, match=r"is a 4D image \(122x101x30x2 voxels"):
+        imageio.read_volume(path)
+
+
+def test_4d_image_with_one_volume_is_read(tmp_path: Path, ct_small: Path) -> None:
+    image = sitk.ReadImage(str(ct_small))
+    path = tmp_path / "one.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries([image]), str(path))
+    volume = imageio.read_volume(path)
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(image))
+    assert volume.spacing == pytest.approx(image.GetSpacing())
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz"])
+def test_rgb_image(tmp_path: Path, ct_small: Path, suffix: str) -> None:
+    grey = sitk.Cast(sitk.RescaleIntensity(sitk.ReadImage(str(ct_small))), sitk.sitkUInt8)
+    path = tmp_path / f"rgb{suffix}"
+    sitk.WriteImage(sitk.Compose([grey, grey, grey]), str(path))
+    with pytest.raises(MedSegAIInputError, match="3 values per voxel .*RGB.*3D scalar"):
+        imageio.read_volume(path)

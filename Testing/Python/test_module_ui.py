@@ -1,0 +1,347 @@
+"""Consistency of the Slicer module without Qt: MedSegAI.py (parsed with ast), MedSegAI.ui (XML),
+the parameter node, the CMake wiring, requirements.txt and the icon.
+
+Qt, CTK and Slicer's GUI cannot run here, so these checks stand in for "the panel loads": every
+widget the code uses exists with a class that supports that use, every SlicerParameterName is a
+parameter-node field whose type Slicer's parameterNodeWrapper can bind to that widget class, and
+the extension's CMake lists every engine file.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import struct
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+MODULE_DIR = Path(__file__).resolve().parents[2] / "MedSegAI"
+MODULE_PY = MODULE_DIR / "MedSegAI.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "MedSegAI.ui"
+
+
+@pytest.fixture(scope="module")
+def tree() -> ast.Module:
+    return ast.parse(MODULE_PY.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def ui_widgets() -> dict[str, str]:
+    root = ET.parse(UI_FILE).getroot()
+    widgets = {}
+    for element in root.iter("widget"):
+        name = element.get("name")
+        assert name not in widgets, f"duplicate widget name {name} in MedSegAI.ui"
+        widgets[name] = element.get("class")
+    return widgets
+
+
+@pytest.fixture(scope="module")
+def ui_bindings() -> dict[str, str]:
+    """SlicerParameterName -> widget class."""
+    root = ET.parse(UI_FILE).getroot()
+    bindings = {}
+    for element in root.iter("widget"):
+        for prop in element.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                assert prop.get("stdset") == "0", "SlicerParameterName must be a dynamic property (stdset=0)"
+                name = prop.findtext("string")
+                assert name not in bindings, f"parameter {name} is bound to two widgets"
+                bindings[name] = element.get("class")
+    return bindings
+
+
+def _class(tree: ast.Module, name: str) -> ast.ClassDef:
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return node
+    raise AssertionError(f"MedSegAI.py has no class {name}")
+
+
+def _constant(tree: ast.Module, name: str):
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"MedSegAI.py has no constant {name}")
+
+
+def _parameter_fields(tree: ast.Module) -> dict[str, str]:
+    """Field name -> annotation source of MedSegAIParameterNode."""
+    cls = _class(tree, "MedSegAIParameterNode")
+    return {node.target.id: ast.unparse(node.annotation) for node in cls.body
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+
+
+def _is_self_ui(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Attribute) and node.attr == "ui" and isinstance(node.value, ast.Name)
+            and node.value.id == "self")
+
+
+def _ui_uses(tree: ast.Module) -> dict[str, set[str]]:
+    """Widget name -> how the code uses it (attribute/method names and connected signals)."""
+    channels = range(1, _constant(tree, "MAXIMUM_CHANNELS") + 1)
+    uses: dict[str, set[str]] = {}
+    parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
+
+    def record(name: str, node: ast.AST) -> None:
+        usage = uses.setdefault(name, set())
+        parent = parents.get(node)
+        if isinstance(parent, ast.Attribute):
+            usage.add(parent.attr)
+            call = parents.get(parent)
+            if parent.attr == "connect" and isinstance(call, ast.Call) and isinstance(call.args[0], ast.Constant):
+                usage.add("signal:" + call.args[0].value)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _is_self_ui(node.value):
+            record(node.attr, node)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+                and _is_self_ui(node.args[0])):
+            target = node.args[1]
+            if isinstance(target, ast.Constant):
+                record(target.value, node)
+            else:
+                assert isinstance(target, ast.JoinedStr), "getattr(self.ui, ...) needs a literal or f-string name"
+                pattern = "".join(part.value if isinstance(part, ast.Constant) else "{}" for part in target.values)
+                for number in channels:
+                    record(pattern.format(number), node)
+    return uses
+
+
+# Which widget classes support a use of the widget in the code.
+SIGNAL_CLASSES = {
+    "clicked(bool)": {"QPushButton", "QToolButton", "QCheckBox"},
+    "currentIndexChanged(int)": {"QComboBox"},
+    "editingFinished()": {"QLineEdit", "QSpinBox", "QDoubleSpinBox"},
+    "currentNodeChanged(vtkMRMLNode*)": {"qMRMLNodeComboBox"},
+    "valueChanged(double)": {"ctkSliderWidget", "QDoubleSpinBox"},
+    "toggled(bool)": {"QCheckBox", "QPushButton"},
+}
+METHOD_CLASSES = {
+    "appendPlainText": {"QPlainTextEdit"},
+    "addItem": {"QComboBox"},
+    "findData": {"QComboBox"},
+    "itemData": {"QComboBox"},
+    "count": {"QComboBox"},
+    "setCurrentIndex": {"QComboBox"},
+    "value": {"QProgressBar", "QSpinBox", "QDoubleSpinBox", "ctkSliderWidget"},
+    "setMRMLScene": {"qMRMLNodeComboBox"},
+    "currentNode": {"qMRMLNodeComboBox"},
+}
+# Naming convention of the .ui: suffix -> classes.
+SUFFIX_CLASSES = {
+    "CollapsibleButton": {"ctkCollapsibleButton"},
+    "BrowseButton": {"QToolButton"},
+    "Button": {"QPushButton"},
+    "ComboBox": {"QComboBox"},
+    "Selector": {"qMRMLNodeComboBox"},
+    "Label": {"QLabel"},
+    "LineEdit": {"QLineEdit"},
+    "CheckBox": {"QCheckBox"},
+    "SpinBox": {"QSpinBox", "QDoubleSpinBox"},
+    "SliderWidget": {"ctkSliderWidget"},
+    "TextEdit": {"QPlainTextEdit", "QTextEdit"},
+    "progressBar": {"QProgressBar"},
+}
+
+
+def _suffix_classes(name: str) -> set[str] | None:
+    for suffix, classes in SUFFIX_CLASSES.items():  # "BrowseButton" before "Button": dict order
+        if name.endswith(suffix):
+            return classes
+    return None
+
+
+def test_module_has_slicer_template_shape(tree: ast.Module) -> None:
+    bases = {cls.name: [ast.unparse(b) for b in cls.bases] for cls in tree.body if isinstance(cls, ast.ClassDef)}
+    assert bases["MedSegAI"] == ["ScriptedLoadableModule"]
+    assert "ScriptedLoadableModuleWidget" in bases["MedSegAIWidget"]
+    assert bases["MedSegAILogic"] == ["ScriptedLoadableModuleLogic"]
+    assert bases["MedSegAITest"] == ["ScriptedLoadableModuleTest"]
+    decorators = [ast.unparse(d) for d in _class(tree, "MedSegAIParameterNode").decorator_list]
+    assert decorators == ["parameterNodeWrapper"]
+    test_methods = [n.name for n in _class(tree, "MedSegAITest").body if isinstance(n, ast.FunctionDef)]
+    assert "runTest" in test_methods and sum(name.startswith("test_") for name in test_methods) >= 3
+
+
+def test_every_widget_used_exists_with_a_matching_class(tree: ast.Module, ui_widgets: dict[str, str]) -> None:
+    uses = _ui_uses(tree)
+    assert len(uses) > 20
+    missing = sorted(set(uses) - set(ui_widgets))
+    assert not missing, f"MedSegAI.py uses widgets that MedSegAI.ui lacks: {missing}"
+    for name, usage in uses.items():
+        cls = ui_widgets[name]
+        for use in usage:
+            allowed = SIGNAL_CLASSES.get(use[len("signal:"):]) if use.startswith("signal:") else METHOD_CLASSES.get(use)
+            if use.startswith("signal:"):
+                assert allowed is not None, f"unknown signal {use} used on {name}; add it to SIGNAL_CLASSES"
+            if allowed is not None:
+                assert cls in allowed, f"{name} is a {cls} but the code uses {use!r} (needs one of {sorted(allowed)})"
+
+
+def test_widget_classes_follow_their_names(ui_widgets: dict[str, str]) -> None:
+    for name, cls in ui_widgets.items():
+        allowed = _suffix_classes(name)
+        if allowed is not None:
+            assert cls in allowed, f"{name} should be one of {sorted(allowed)}, is {cls}"
+
+
+def _connector_accepts(widget_class: str, annotation: str) -> bool:
+    """Mirror of slicer.parameterNodeWrapper.guiConnectors (which requires the exact widget class)."""
+    base = annotation
+    match = re.match(r"Annotated\[(.+?),", annotation)
+    if match:
+        base = match.group(1)
+    if base.startswith("slicer.vtkMRML"):
+        return widget_class == "qMRMLNodeComboBox"
+    if base == "bool":
+        return widget_class in ("QCheckBox", "QPushButton")
+    if base == "int":
+        return widget_class in ("QSpinBox", "QSlider")
+    if base == "float":
+        if widget_class == "ctkSliderWidget":
+            return "WithinRange" in annotation
+        return widget_class == "QDoubleSpinBox"
+    if base == "str":
+        if widget_class == "QComboBox":
+            return "Choice" in annotation
+        return widget_class in ("QLineEdit", "QTextEdit")
+    return False
+
+
+def test_parameter_names_are_fields_bindable_to_their_widgets(tree: ast.Module, ui_bindings: dict[str, str]) -> None:
+    fields = _parameter_fields(tree)
+    unknown = sorted(set(ui_bindings) - set(fields))
+    assert not unknown, f"SlicerParameterName values that are not parameter node fields: {unknown}"
+    for name, widget_class in ui_bindings.items():
+        assert _connector_accepts(widget_class, fields[name]), f"{name}: {fields[name]} cannot bind to a {widget_class}"
+    # Every field is on the panel; the model selector is filled from the installed models by code.
+    assert set(fields) - set(ui_bindings) == {"modelId"}
+    channels = _constant(tree, "MAXIMUM_CHANNELS")
+    assert {f"inputVolume{n}" for n in range(1, channels + 1)} <= set(ui_bindings)
+
+
+def test_node_selectors_get_the_scene_and_right_node_types(ui_widgets: dict[str, str], tree: ast.Module) -> None:
+    root = ET.parse(UI_FILE).getroot()
+    receivers = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"}
+    selectors = {name for name, cls in ui_widgets.items() if cls == "qMRMLNodeComboBox"}
+    assert selectors and selectors == receivers
+    fields = _parameter_fields(tree)
+    for element in root.iter("widget"):
+        if element.get("class") != "qMRMLNodeComboBox":
+            continue
+        types = [s.text for p in element.findall("property") if p.get("name") == "nodeTypes" for s in p.iter("string")]
+        bound = [p.findtext("string") for p in element.findall("property") if p.get("name") == "SlicerParameterName"]
+        assert bound, f"{element.get('name')} is not bound to the parameter node"
+        assert fields[bound[0]] == f"slicer.{types[0]}"
+
+
+def test_advanced_section_starts_collapsed() -> None:
+    root = ET.parse(UI_FILE).getroot()
+    advanced = next(w for w in root.iter("widget") if w.get("name") == "advancedCollapsibleButton")
+    collapsed = [p.findtext("bool") for p in advanced.findall("property") if p.get("name") == "collapsed"]
+    assert collapsed == ["true"]
+
+
+def _with_try_display(node: ast.AST) -> bool:
+    return isinstance(node, ast.With) and any("tryWithErrorDisplay" in ast.unparse(item.context_expr) for item in node.items)
+
+
+def test_widget_calls_logic_only_inside_try_with_error_display(tree: ast.Module) -> None:
+    widget = _class(tree, "MedSegAIWidget")
+    methods = {n.name: n for n in widget.body if isinstance(n, ast.FunctionDef)}
+
+    def calls(method: ast.FunctionDef, protected: bool, out: list[tuple[str, str, bool]]) -> None:
+        def visit(node: ast.AST, inside: bool) -> None:
+            inside = inside or _with_try_display(node)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Attribute):
+                owner = node.func.value
+                if isinstance(owner.value, ast.Name) and owner.value.id == "self" and owner.attr == "logic":
+                    out.append(("logic", node.func.attr, inside))
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "self" and node.func.attr in methods):
+                out.append(("method", node.func.attr, inside))
+            for child in ast.iter_child_nodes(node):
+                visit(child, inside)
+
+        for statement in method.body:
+            visit(statement, protected)
+
+    # A helper method counts as protected when every call to it is protected.
+    protected = set()
+    changed = True
+    while changed:
+        changed = False
+        for name in methods:
+            if name in protected:
+                continue
+            sites = []
+            for other_name, other in methods.items():
+                found: list[tuple[str, str, bool]] = []
+                calls(other, other_name in protected, found)
+                sites += [inside for kind, called, inside in found if kind == "method" and called == name]
+            if sites and all(sites):
+                protected.add(name)
+                changed = True
+    unprotected = []
+    for name, method in methods.items():
+        found: list[tuple[str, str, bool]] = []
+        calls(method, name in protected, found)
+        unprotected += [f"{name} -> logic.{called}" for kind, called, inside in found
+                        if kind == "logic" and not inside and called != "getParameterNode"]
+    assert not unprotected, f"Logic calls outside slicer.util.tryWithErrorDisplay: {unprotected}"
+
+
+def test_cmake_lists_every_engine_file_and_resource() -> None:
+    cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
+    listed = set(re.findall(r"^\s*(MedSegAILib/[A-Za-z0-9_]+\.py)\s*$", cmake, re.MULTILINE))
+    present = {f"MedSegAILib/{p.name}" for p in (MODULE_DIR / "MedSegAILib").glob("*.py")}
+    assert present - listed == set(), f"missing from MedSegAI/CMakeLists.txt: {sorted(present - listed)}"
+    assert listed - present == set(), f"listed but not present: {sorted(listed - present)}"
+    for needle in ("${MODULE_NAME}.py", "Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui",
+                   "Resources/requirements.txt", "Resources/Models/*", "MedSegAILib/schemas/*.json",
+                   "slicerMacroBuildScriptedModule", "WITH_GENERIC_TESTS", "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)"):
+        assert needle in cmake, f"MedSegAI/CMakeLists.txt lacks {needle}"
+    assert re.search(r"set\(MODULE_NAME MedSegAI\)", cmake)
+    for resource in ("Resources/Icons/MedSegAI.png", "Resources/UI/MedSegAI.ui", "Resources/requirements.txt"):
+        assert (MODULE_DIR / resource).is_file()
+    top = (MODULE_DIR.parent / "CMakeLists.txt").read_text(encoding="utf-8")
+    for needle in ('set(EXTENSION_CATEGORY "Segmentation")', 'set(EXTENSION_DEPENDS "NA")', "EXTENSION_HOMEPAGE",
+                   "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS",
+                   "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(MedSegAI)",
+                   "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
+        assert needle in top, f"CMakeLists.txt lacks {needle}"
+
+
+def test_requirements_are_pinned_and_never_touch_slicer_packages() -> None:
+    from MedSegAILib import slicer_logic
+    from MedSegAILib.errors import MedSegAIInputError
+
+    requirements = slicer_logic.read_requirements()
+    assert {"onnxruntime", "tensorflow"} <= set(requirements)
+    assert not {"numpy", "simpleitk", "vtk"} & set(requirements)
+    for name, line in requirements.items():
+        assert re.search(r">=[0-9.]+,<[0-9.]+", line), f"{name} needs a pinned range, got {line!r}"
+    assert slicer_logic.requirements_to_install(["onnxruntime"]) == [requirements["onnxruntime"]]
+    with pytest.raises(MedSegAIInputError, match="part of Slicer"):
+        slicer_logic.requirements_to_install(["numpy"])
+    with pytest.raises(MedSegAIInputError, match="not listed"):
+        slicer_logic.requirements_to_install(["left-pad"])
+
+
+def test_missing_packages_reports_only_what_is_absent() -> None:
+    from MedSegAILib import slicer_logic
+
+    assert slicer_logic.missing_packages("onnx") == []  # the test environment has ONNX Runtime
+    assert slicer_logic.missing_packages("tensorflow") == []
+    with pytest.raises(ValueError):
+        slicer_logic.missing_packages("torch")
+
+
+def test_icon_is_a_128_pixel_png() -> None:
+    data = (MODULE_DIR / "Resources" / "Icons" / "MedSegAI.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert (width, height) == (128, 128)

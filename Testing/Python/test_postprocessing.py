@@ -1,0 +1,127 @@
+"""Post-processing on the real CT label map (TotalSegmentator labels) with injected islands and holes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from MedSegAILib.errors import MedSegAIInputError
+from MedSegAILib.postprocessing import postprocess
+from scipy import ndimage
+
+SPACING = (3.0, 3.0, 3.0)  # example_seg.nii.gz voxel size: 27 mm³ per voxel
+LIVER, SPLEEN, AORTA, STOMACH = 5, 1, 52, 6
+
+
+@pytest.fixture(scope="module")
+def labels(ct_small_labels) -> np.ndarray:
+    image = sitk.ReadImage(str(ct_small_labels))
+    assert image.GetSpacing() == pytest.approx(SPACING)
+    return sitk.GetArrayFromImage(image).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def names(shared_data) -> dict[int, str]:
+    table = json.loads((shared_data / "ct-abdomen" / "total_ct_labels.json").read_text())
+    result = {int(k): str(v) for k, v in table.items() if int(k) > 0}
+    assert result[LIVER] == "liver" and result[SPLEEN] == "spleen"
+    return result
+
+
+@pytest.fixture(scope="module")
+def far_background(labels: np.ndarray) -> np.ndarray:
+    """(N, 3) voxel indices at least 4 voxels away from any label, sorted for determinism."""
+    distance = ndimage.distance_transform_edt(labels == 0)
+    points = np.argwhere(distance > 4)
+    assert len(points) > 100
+    return points
+
+
+def pick(points: np.ndarray, count: int, min_gap: int = 6) -> list[tuple[int, int, int]]:
+    chosen: list[np.ndarray] = []
+    for point in points[:: max(1, len(points) // 5000)]:
+        if all(np.abs(point - other).max() >= min_gap for other in chosen):
+            chosen.append(point)
+        if len(chosen) == count:
+            return [tuple(int(v) for v in p) for p in chosen]
+    raise AssertionError("not enough separated background voxels")
+
+
+def test_largest_component_removes_only_the_listed_labels_islands(labels, names, far_background) -> None:
+    liver_spot, spleen_spot = pick(far_background, 2)
+    injected = labels.copy()
+    z, y, x = liver_spot
+    injected[z : z + 2, y : y + 2, x : x + 2] = LIVER
+    injected[spleen_spot] = SPLEEN
+    result = postprocess(injected, SPACING, {"largest_component": ["liver"]}, names)
+    expected = labels.copy()
+    expected[spleen_spot] = SPLEEN  # spleen was not listed: its island stays
+    np.testing.assert_array_equal(result, expected)
+    assert injected[liver_spot] == LIVER  # the input is not modified
+    # with every label listed, the result is the clean map's own largest components
+    everything = postprocess(injected, SPACING, {"largest_component": True}, names)
+    np.testing.assert_array_equal(everything, postprocess(labels, SPACING, {"largest_component": True}, names))
+    assert everything[liver_spot] == 0 and everything[spleen_spot] == 0
+
+
+def test_fill_holes_fills_background_only(labels, names) -> None:
+    liver = labels == LIVER
+    inner = np.argwhere(ndimage.binary_erosion(liver, iterations=3))
+    z, y, x = inner[len(inner) // 2]
+    punched = labels.copy()
+    punched[z - 1 : z + 2, y - 1 : y + 2, x - 1 : x + 2] = 0
+    punched[z, y, x] = AORTA  # another label inside the hole is kept
+    result = postprocess(punched, SPACING, {"fill_holes": ["liver"]}, names)
+    expected = labels.copy()
+    expected[z, y, x] = AORTA
+    original_holes = ndimage.binary_fill_holes(liver) & ~liver & (labels == 0)
+    expected[original_holes] = LIVER
+    np.testing.assert_array_equal(result, expected)
+    assert result[z - 1, y - 1, x - 1] == LIVER
+
+
+def test_fill_holes_in_bounding_boxes_equals_whole_volume_reference(labels, names) -> None:
+    result = postprocess(labels, SPACING, {"fill_holes": True}, names)
+    reference = labels.copy()
+    for value in sorted(names):
+        mask = reference == value
+        if mask.any():
+            reference[ndimage.binary_fill_holes(mask) & (reference == 0)] = value
+    np.testing.assert_array_equal(result, reference)
+
+
+def test_min_island_removes_small_components_of_every_label(labels, names, far_background) -> None:
+    config = {"min_island_mm3": 100.0}  # 1 voxel = 27 mm³ goes, 8 voxels = 216 mm³ stays
+    baseline = postprocess(labels, SPACING, config, names)
+    assert np.array_equal(baseline[labels == LIVER], labels[labels == LIVER])
+    spots = pick(far_background, 4)
+    injected = labels.copy()
+    for spot, value in zip(spots[:3], (LIVER, SPLEEN, STOMACH)):
+        injected[spot] = value
+    z, y, x = spots[3]
+    injected[z : z + 2, y : y + 2, x : x + 2] = SPLEEN
+    result = postprocess(injected, SPACING, config, names)
+    expected = baseline.copy()
+    expected[z : z + 2, y : y + 2, x : x + 2] = SPLEEN
+    np.testing.assert_array_equal(result, expected)
+    # with a bigger threshold the 8-voxel island goes too
+    bigger = postprocess(injected, SPACING, {"min_island_mm3": 300.0}, names)
+    assert not bigger[z : z + 2, y : y + 2, x : x + 2].any()
+
+
+def test_empty_config_changes_nothing_and_bad_options_are_reported(labels, names) -> None:
+    np.testing.assert_array_equal(postprocess(labels, SPACING, {}, names), labels)
+    np.testing.assert_array_equal(postprocess(labels, SPACING, None, names), labels)
+    np.testing.assert_array_equal(postprocess(labels, SPACING, {"method": "argmax", "thresholds": {}}, names), labels)
+    with pytest.raises(MedSegAIInputError, match="unknown label"):
+        postprocess(labels, SPACING, {"largest_component": ["livr"]}, names)
+    with pytest.raises(MedSegAIInputError, match="unknown post-processing"):
+        postprocess(labels, SPACING, {"dilate": 2}, names)
+    with pytest.raises(MedSegAIInputError, match="min_island_mm3"):
+        postprocess(labels, SPACING, {"min_island_mm3": -1}, names)
+    with pytest.raises(TypeError, match="uint8"):
+        postprocess(labels.astype(np.int32), SPACING, {}, names)
+    with pytest.raises(ValueError, match="spacing"):
+        postprocess(labels, (3.0, 0.0, 3.0), {}, names)

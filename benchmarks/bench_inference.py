@@ -1,0 +1,121 @@
+"""Time each stage of `medsegai segment` and the model alone on the same windows; print peak memory.
+
+    python benchmarks/bench_inference.py                       # 512x512x200 CT, default model
+    python benchmarks/bench_inference.py --size 512 512 600 --model ct-abdomen-organs --backend onnx
+
+Stages: read, model_load, preprocess, model, stitch, postprocess, write (what the engine reports),
+then "model alone": the same network called on batches of exactly the shapes the engine used,
+with nothing else around it. Overhead = end-to-end (without model_load) / model alone.
+Prints one JSON document, then a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import peak_rss_mb, print_report, synthetic_ct  # noqa: E402
+
+
+class RecordingPredictor:
+    """Wraps a predictor; remembers one batch per shape and how often each shape was used."""
+
+    def __init__(self, predictor: object) -> None:
+        self.predictor = predictor
+        self.name = predictor.name  # type: ignore[attr-defined]
+        self.device = predictor.device  # type: ignore[attr-defined]
+        self.batches: dict[tuple[int, ...], np.ndarray] = {}
+        self.counts: dict[tuple[int, ...], int] = {}
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        key = tuple(batch.shape)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.batches.setdefault(key, batch.copy())
+        return self.predictor.predict(batch)  # type: ignore[attr-defined]
+
+
+def model_alone(recorder: RecordingPredictor) -> float:
+    """Seconds the bare network needs for the same calls (same shapes, same count)."""
+    start = time.perf_counter()
+    for key, count in recorder.counts.items():
+        batch = recorder.batches[key]
+        for _ in range(count):
+            recorder.predictor.predict(batch)  # type: ignore[attr-defined]
+    return time.perf_counter() - start
+
+
+def run(size: tuple[int, int, int], model: str | None, backend: str, device: str, output_suffix: str) -> dict:
+    from MedSegAILib.backends import load_predictor
+    from MedSegAILib.imageio import read_volume, write_volume
+    from MedSegAILib.inference import SegmentOptions
+    from MedSegAILib.modelcard import find_model
+    from MedSegAILib.pipeline import segment_case
+    from MedSegAILib.segfile import write_segmentation
+
+    path = synthetic_ct(size)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    volume = read_volume(path)
+    timings["read"] = time.perf_counter() - start
+
+    card = find_model(model)
+    start = time.perf_counter()
+    recorder = RecordingPredictor(load_predictor(card, backend=backend, device=device))
+    timings["model_load"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    labels, card = segment_case([volume], card, options=SegmentOptions(), timings=timings, predictor=recorder)
+    engine_seconds = time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        output = Path(folder) / f"labels{output_suffix}"
+        if output_suffix == ".seg.nrrd":
+            write_segmentation(output, labels, [label.to_dict() for label in card.labels])
+        else:
+            write_volume(output, labels)
+        timings["write"] = time.perf_counter() - start
+
+    alone = model_alone(recorder)
+    end_to_end = timings["read"] + engine_seconds + timings["write"]
+    windows = sum(key[0] * count for key, count in recorder.counts.items())
+    return {
+        "size": "x".join(map(str, size)),
+        "model": f"{card.id} {card.version}",
+        "mode": card.spatial.mode,
+        "backend": recorder.name,
+        "device": recorder.device,
+        **{f"{stage}_s": round(seconds, 3) for stage, seconds in timings.items()},
+        "end_to_end_s": round(end_to_end, 3),
+        "model_alone_s": round(alone, 3),
+        "overhead_ratio": round(end_to_end / alone, 3) if alone > 0 else None,
+        "network_calls": sum(recorder.counts.values()),
+        "windows": windows,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "labels_found": sorted(int(v) for v in np.unique(labels.array) if v),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", nargs=3, type=int, default=[512, 512, 200], metavar=("X", "Y", "Z"))
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output-suffix", default=".seg.nrrd", choices=(".seg.nrrd", ".nrrd", ".nii.gz"))
+    args = parser.parse_args()
+    row = run(tuple(args.size), args.model, args.backend, args.device, args.output_suffix)
+    columns = ["size", "backend", "read_s", "model_load_s", "preprocess_s", "model_s", "stitch_s", "postprocess_s",
+               "write_s", "end_to_end_s", "model_alone_s", "overhead_ratio", "peak_rss_mb"]
+    print_report("bench_inference", [row], columns)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,495 @@
+"""Write a trained Keras model as a MedSegAI model folder (``model.keras``, ``model.onnx``, ``model.json``).
+
+The folder is assembled in a hidden temporary sibling folder and renamed into place at the end, so
+a reader never sees a half-written model and an existing folder is never touched. ``model.json``
+is written last. Both weight files are checked before anything is published:
+
+* ``model.keras`` is reloaded with ``safe_mode=True`` and must reproduce the model's output;
+* ``model.onnx`` (tf2onnx, opset :data:`ONNX_OPSET`, dynamic batch and spatial axes, input
+  ``image``, output ``probabilities``) must agree with Keras on a real batch within
+  :data:`ONNX_TOLERANCE` (max absolute difference of the probabilities); the measured difference is
+  recorded in ``card["provenance"]["onnx_max_abs_diff"]``.
+
+Exported models are always float32: a model trained under a ``mixed_float16`` policy is rebuilt in
+float32 with the same weights before saving (CPU inference and ONNX need float32).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from MedSegAILib.errors import MedSegAIInputError, ModelFolderError
+
+__all__ = [
+    "KERAS_FILE",
+    "MODEL_JSON",
+    "ONNX_FILE",
+    "ONNX_OPSET",
+    "ONNX_TOLERANCE",
+    "export_model_folder",
+    "export_onnx",
+    "load_keras_model",
+    "simplify_onnx",
+    "to_float32_model",
+]
+
+KERAS_FILE = "model.keras"
+ONNX_FILE = "model.onnx"
+MODEL_JSON = "model.json"
+ONNX_OPSET = 17
+ONNX_TOLERANCE = 1e-4
+_KERAS_RELOAD_TOLERANCE = 1e-5
+_MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
+
+
+def _register_custom_objects() -> None:
+    """Import the modules whose ``register_keras_serializable`` classes a model may use."""
+    from medsegai_training import losses, models  # noqa: F401  (registration side effect)
+
+
+def load_keras_model(path: str | os.PathLike[str]) -> Any:
+    """Load ``model.keras`` (or a model folder holding one) with ``safe_mode=True``, uncompiled.
+
+    ``safe_mode`` refuses files that would run code when loaded (``Lambda`` layers, pickled
+    functions); MedSegAI's custom layers/losses are registered first.
+
+    Args:
+        path: a ``.keras`` file or a folder containing ``model.keras``.
+
+    Returns:
+        The ``keras.Model``.
+
+    Raises:
+        ModelFolderError: the file is missing, unreadable or unsafe.
+    """
+    import keras
+
+    _register_custom_objects()
+    file = Path(path)
+    if file.is_dir():
+        file = file / KERAS_FILE
+    if not file.is_file():
+        raise ModelFolderError(f"Keras model file {file} does not exist; give a model folder or a .keras file.")
+    try:
+        return keras.saving.load_model(str(file), safe_mode=True, compile=False)
+    except Exception as e:  # keras raises ValueError/TypeError/OSError/KeyError for unsafe or broken files
+        raise ModelFolderError(
+            f"refused to load {file}: {e}. Model files with Lambda layers or other code are not allowed; "
+            "re-export the model without them."
+        ) from e
+
+
+def _replace_policies(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if obj.get("class_name") == "DTypePolicy" and isinstance(obj.get("config"), dict):
+            if obj["config"].get("name") in _MIXED_POLICIES:
+                return {**obj, "config": {**obj["config"], "name": "float32"}}
+        return {k: _replace_policies(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_replace_policies(v) for v in obj]
+    if isinstance(obj, str) and obj in _MIXED_POLICIES:
+        return "float32"
+    return obj
+
+
+def to_float32_model(model: Any) -> Any:
+    """Return ``model`` itself if every layer computes in float32, else a float32 copy with its weights.
+
+    Args:
+        model: a functional ``keras.Model`` (possibly built under ``mixed_float16``).
+    """
+    import keras
+
+    if all(layer.dtype_policy.name == "float32" for layer in model.layers):
+        return model
+    _register_custom_objects()
+    config = _replace_policies(keras.saving.serialize_keras_object(model))
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        clone = keras.saving.deserialize_keras_object(config, safe_mode=True)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def export_onnx(model: Any, path: str | os.PathLike[str], opset: int = ONNX_OPSET, simplify: bool = True) -> list[str]:
+    """Convert a channels-last Keras model to ONNX with tf2onnx (dynamic batch and spatial axes).
+
+    The graph has one float32 input ``image`` ``(N, *spatial, C)`` and one output ``probabilities``
+    ``(N, *spatial, K)``, every dimension but the channels dynamic.
+
+    Args:
+        model: a float32 ``keras.Model`` with one input.
+        path: output ``.onnx`` file.
+        opset: ONNX opset (>= 13).
+        simplify: apply :func:`simplify_onnx` (faster on ONNX Runtime CPU).
+
+    Returns:
+        The changes :func:`simplify_onnx` made (empty when ``simplify`` is false).
+    """
+    import onnx as onnx_lib
+    import tensorflow as tf
+    import tf2onnx
+
+    if not isinstance(opset, int) or opset < 13:
+        raise ValueError(f"opset must be an integer >= 13, got {opset!r}")
+    if len(model.inputs) != 1:
+        raise ValueError(f"model must have exactly one input, got {len(model.inputs)}")
+    shape = tuple(model.inputs[0].shape)
+    spec = (tf.TensorSpec((None,) * (len(shape) - 1) + (shape[-1],), tf.float32, name="image"),)
+
+    @tf.function(input_signature=spec)
+    def forward(image: Any) -> dict[str, Any]:
+        return {"probabilities": tf.cast(model(image, training=False), tf.float32)}
+
+    try:  # keras' numpy>=2 compatibility patch for tf2onnx's constant folding, when present
+        from keras.src.export.tf2onnx_lib import patch_tf2onnx
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            patch_tf2onnx()
+    except ImportError:
+        pass
+    model_proto, _ = tf2onnx.convert.from_function(forward, input_signature=spec, opset=opset)
+    changes = simplify_onnx(model_proto) if simplify else []
+    onnx_lib.checker.check_model(model_proto)
+    onnx_lib.save(model_proto, str(path))
+    return changes
+
+
+def _opset(model_proto: Any) -> int:
+    return max((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def simplify_onnx(model_proto: Any) -> list[str]:
+    """Rewrite two slow patterns tf2onnx produces for MedSegAI's networks (in place).
+
+    * ``Softmax`` over the channel axis of an NCHW tensor: ONNX Runtime transposes it twice
+      internally (about 8% of a U-Net's CPU time); it becomes ``ReduceMax``/``Sub``/``Exp``/
+      ``ReduceSum``/``Div`` over that axis (same values up to float rounding).
+    * ``ConvTranspose`` with ``kernel_shape == strides`` and no padding, followed by the
+      ``Slice`` -> ``Pad`` pair tf2onnx adds to reach TensorFlow's dynamic output shape: that
+      shape is exactly ``stride * input`` already, so the pair is an identity copy and is bypassed.
+
+    The caller must still check the result against Keras (``export_model_folder`` does).
+
+    Args:
+        model_proto: an ``onnx.ModelProto`` (modified in place).
+
+    Returns:
+        A description of each change made.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model_proto.graph
+    opset = _opset(model_proto)
+    changes: list[str] = []
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+
+    def attrs(node: Any) -> dict[str, Any]:
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    # 1. bypass Slice -> Pad after an exact-size ConvTranspose
+    rename: dict[str, str] = {}
+    removed: set[int] = set()
+    for node in graph.node:
+        if node.op_type != "ConvTranspose":
+            continue
+        a = attrs(node)
+        kernel, strides = list(a.get("kernel_shape", [])), list(a.get("strides", []))
+        if (
+            not kernel
+            or kernel != strides
+            or any(key in a for key in ("pads", "output_padding", "output_shape", "auto_pad"))
+            or any(d != 1 for d in a.get("dilations", [1]))
+        ):
+            continue
+        out = node.output[0]
+        slices = [n for n in consumers.get(out, []) if n.op_type != "Shape"]  # Shape: pad arithmetic
+        if len(slices) != 1 or slices[0].op_type != "Slice" or slices[0].input[0] != out:
+            continue
+        pads = consumers.get(slices[0].output[0], [])
+        if len(pads) != 1 or pads[0].op_type != "Pad" or pads[0].input[0] != slices[0].output[0]:
+            continue
+        if pads[0].output[0] in graph_outputs or (len(pads[0].input) > 2 and pads[0].input[2]):
+            continue
+        rename[pads[0].output[0]] = out
+        removed.update((id(slices[0]), id(pads[0])))
+        changes.append(f"bypassed identity Slice/Pad after {node.name}")
+
+    # 2. decompose Softmax
+    new_nodes: list[Any] = []
+    initializers: list[Any] = []
+    for node in graph.node:
+        if id(node) in removed:
+            continue
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        if node.op_type != "Softmax" or opset < 13:
+            new_nodes.append(node)
+            continue
+        axis = int(attrs(node).get("axis", -1))
+        x, y = node.input[0], node.output[0]
+        base = f"{node.name}/medsegai_softmax"
+        axes_name = f"{base}/axes"
+        initializers.append(numpy_helper.from_array(np.array([axis], dtype=np.int64), axes_name))
+        if opset >= 18:
+            reduce_max = helper.make_node("ReduceMax", [x, axes_name], [f"{base}/max"], keepdims=1, name=f"{base}/ReduceMax")
+        else:
+            reduce_max = helper.make_node("ReduceMax", [x], [f"{base}/max"], axes=[axis], keepdims=1, name=f"{base}/ReduceMax")
+        new_nodes += [
+            reduce_max,
+            helper.make_node("Sub", [x, f"{base}/max"], [f"{base}/shifted"], name=f"{base}/Sub"),
+            helper.make_node("Exp", [f"{base}/shifted"], [f"{base}/exp"], name=f"{base}/Exp"),
+            helper.make_node("ReduceSum", [f"{base}/exp", axes_name], [f"{base}/sum"], keepdims=1, name=f"{base}/ReduceSum"),
+            helper.make_node("Div", [f"{base}/exp", f"{base}/sum"], [y], name=f"{base}/Div"),
+        ]
+        changes.append(f"decomposed {node.name} (axis {axis})")
+    if changes:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+        graph.initializer.extend(initializers)
+        _prune_dead_nodes(graph)
+    return changes
+
+
+def _prune_dead_nodes(graph: Any) -> None:
+    """Drop nodes (and initializers) whose outputs nothing uses any more (e.g. shape arithmetic)."""
+    while True:
+        used = {o.name for o in graph.output}
+        for node in graph.node:
+            used.update(node.input)
+        keep = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(keep) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(keep)
+    used = {name for node in graph.node for name in node.input}
+    keep_init = [t for t in graph.initializer if t.name in used]
+    if len(keep_init) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep_init)
+
+
+def _keras_predict(model: Any, batch: np.ndarray, chunk: int = 8) -> np.ndarray:
+    """Eager inference in chunks (no tf.function tracing for a one-off check)."""
+    outputs = [np.asarray(model(batch[i : i + chunk], training=False), dtype=np.float32) for i in range(0, len(batch), chunk)]
+    return np.concatenate(outputs, axis=0)
+
+
+def _onnx_predict(path: Path, batch: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {session.get_inputs()[0].name: batch})[0], dtype=np.float32)
+
+
+def _validate_card(card: Mapping[str, Any]) -> list[str]:
+    try:
+        from MedSegAILib.modelcard import validate_model_dict
+    except ImportError:
+        validate_model_dict = None
+    if validate_model_dict is not None:
+        return list(validate_model_dict(card))
+    import jsonschema
+
+    schema_file = Path(__file__).resolve().parents[2] / "MedSegAI" / "MedSegAILib" / "schemas" / "model.schema.json"
+    schema = json.loads(schema_file.read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(schema)
+    return [f"{'/'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}" for e in validator.iter_errors(card)]
+
+
+def _check_sample_batch(model: Any, sample_batch: Any) -> np.ndarray:
+    if not isinstance(sample_batch, np.ndarray):
+        raise TypeError(f"sample_batch must be a numpy array, got {type(sample_batch).__name__}")
+    shape = tuple(model.inputs[0].shape)
+    if sample_batch.ndim != len(shape):
+        raise ValueError(
+            f"sample_batch must have {len(shape)} dimensions (N, ..., C) for this model, got shape {sample_batch.shape}"
+        )
+    if sample_batch.shape[-1] != shape[-1]:
+        raise ValueError(f"sample_batch has {sample_batch.shape[-1]} channels but the model expects {shape[-1]}")
+    if sample_batch.shape[0] < 1 or sample_batch.size == 0:
+        raise ValueError(f"sample_batch is empty: shape {sample_batch.shape}")
+    if not np.issubdtype(sample_batch.dtype, np.number) or not np.all(np.isfinite(sample_batch)):
+        raise ValueError("sample_batch must be finite numbers")
+    return np.ascontiguousarray(sample_batch, dtype=np.float32)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "onnx", "onnxruntime"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _copy_extra(tmp: Path, extra_files: Mapping[str, Any]) -> list[str]:
+    reserved = {KERAS_FILE, ONNX_FILE, MODEL_JSON}
+    names = []
+    for name, content in extra_files.items():
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or name in reserved:
+            raise ValueError(f"extra_files key {name!r} must be a plain file name other than {sorted(reserved)}")
+        target = tmp / name
+        if isinstance(content, bytes):
+            target.write_bytes(content)
+        elif isinstance(content, str):
+            target.write_text(content, encoding="utf-8")
+        elif isinstance(content, os.PathLike):
+            src = Path(content)
+            if src.is_dir():
+                shutil.copytree(src, target)
+            elif src.is_file():
+                shutil.copy2(src, target)
+            else:
+                raise MedSegAIInputError(f"extra file {src} does not exist; check the path given for {name!r}.")
+        else:
+            raise TypeError(f"extra_files[{name!r}] must be bytes, str (text) or a Path, got {type(content).__name__}")
+        names.append(name)
+    return names
+
+
+def export_model_folder(
+    model: Any,
+    card: dict[str, Any],
+    out_dir: str | os.PathLike[str],
+    sample_batch: np.ndarray,
+    onnx: bool = True,
+    extra_files: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` and its card as a new model folder ``out_dir``.
+
+    Writes ``model.keras`` (float32, uncompiled), ``model.onnx`` when ``onnx`` is true, any
+    ``extra_files`` (e.g. ``NOTICE``, ``history.csv``) and, last, ``model.json``, into a temporary
+    sibling folder renamed to ``out_dir`` at the end. ``card`` is completed in place on success:
+    ``card["files"]`` and ``card["provenance"]`` (``onnx_max_abs_diff``, ``keras_max_abs_diff``,
+    ``onnx_opset``, ``exported`` UTC time, package ``versions``).
+
+    Args:
+        model: trained ``keras.Model`` with one channels-last input; its output must be softmax
+            probabilities ``(N, *spatial, K)``.
+        card: the ``model.json`` content (everything but ``files`` filled by the caller).
+        out_dir: the model folder to create; must not exist.
+        sample_batch: a *real* input batch, float, channels-last ``(N, y, x, C)`` or
+            ``(N, z, y, x, C)``, spatial sizes divisible by the network's ``2**depth``.
+        onnx: also write and check ``model.onnx``.
+        extra_files: file name -> ``bytes``/``str`` content or a ``Path`` (file or folder) to copy.
+
+    Returns:
+        ``out_dir`` as a ``Path``.
+
+    Raises:
+        MedSegAIInputError: ``out_dir`` already exists.
+        ModelFolderError: the completed card does not validate against ``model.schema.json``.
+        RuntimeError: the reloaded Keras file or the ONNX graph does not reproduce the model.
+        TypeError/ValueError: bad arguments.
+    """
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
+    if not isinstance(card, dict):
+        raise TypeError(f"card must be a dict (the model.json content), got {type(card).__name__}")
+    if not isinstance(onnx, bool):
+        raise TypeError(f"onnx must be a bool, got {onnx!r}")
+    if extra_files is not None and not isinstance(extra_files, Mapping):
+        raise TypeError(f"extra_files must be a mapping or None, got {type(extra_files).__name__}")
+    batch = _check_sample_batch(model, sample_batch)
+    out_dir = Path(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
+        raise MedSegAIInputError(
+            f"model folder {out_dir} already exists; choose a new output folder (nothing is overwritten)."
+        )
+
+    files = {"keras": KERAS_FILE, **({"onnx": ONNX_FILE} if onnx else {})}
+    new_card = copy.deepcopy(card)
+    new_card["files"] = files
+    problems = _validate_card(new_card)
+    if problems:
+        raise ModelFolderError("the model card is invalid: " + "; ".join(problems))
+    k_card = max(label["value"] for label in new_card["labels"]) + 1
+    k_model = model.outputs[0].shape[-1]
+    if k_model != k_card:
+        raise ValueError(f"model predicts {k_model} classes but the card's labels need {k_card} (background + labels)")
+
+    _register_custom_objects()
+    export = to_float32_model(model)
+    reference = _keras_predict(export, batch)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the user's usual mode
+        keras.saving.save_model(export, tmp / KERAS_FILE)
+        reloaded = load_keras_model(tmp / KERAS_FILE)
+        keras_diff = float(np.max(np.abs(_keras_predict(reloaded, batch) - reference)))
+        if not keras_diff <= _KERAS_RELOAD_TOLERANCE:
+            raise RuntimeError(f"reloaded {KERAS_FILE} differs from the trained model by {keras_diff:.3g}")
+        provenance = dict(new_card.get("provenance") or {})
+        provenance["keras_max_abs_diff"] = keras_diff
+        if onnx:
+            simplified = export_onnx(export, tmp / ONNX_FILE)
+            onnx_diff = float(np.max(np.abs(_onnx_predict(tmp / ONNX_FILE, batch) - reference)))
+            if not onnx_diff <= ONNX_TOLERANCE:
+                raise RuntimeError(
+                    f"ONNX and Keras outputs differ by {onnx_diff:.3g} (> {ONNX_TOLERANCE}) on the sample batch; "
+                    "the model uses an operation tf2onnx does not convert faithfully; export with onnx=False"
+                )
+            provenance["onnx_max_abs_diff"] = onnx_diff
+            provenance["onnx_opset"] = ONNX_OPSET
+            provenance["onnx_simplified"] = len(simplified)
+        provenance["exported"] = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+        provenance["versions"] = _versions()
+        new_card["provenance"] = provenance
+        if extra_files:
+            _copy_extra(tmp, extra_files)
+        problems = _validate_card(new_card)
+        if problems:
+            raise ModelFolderError("the model card is invalid: " + "; ".join(problems))
+        with open(tmp / MODEL_JSON, "w", encoding="utf-8") as f:
+            json.dump(new_card, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if out_dir.exists() or out_dir.is_symlink():
+            raise MedSegAIInputError(
+                f"model folder {out_dir} appeared while exporting; choose a new output folder (nothing is overwritten)."
+            )
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    card.clear()
+    card.update(new_card)
+    return out_dir
