@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
-import ctk
 import qt
 import vtk
 
@@ -189,6 +188,8 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._parameterNode.modelId and self.ui.modelComboBox.count > 0:
             self._parameterNode.modelId = self.ui.modelComboBox.itemData(0)
         self.selectModelInComboBox(self._parameterNode.modelId)
+        if self._parameterNode.datasetFolder.strip():
+            self.updateCaseCount()
 
     def setParameterNode(self, inputParameterNode: Optional[MedSegAIParameterNode]) -> None:
         if self._parameterNode:
@@ -288,6 +289,12 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateButtons()
             return
         with slicer.util.tryWithErrorDisplay("Segmentation could not be started.", waitCursor=True):
+            replaced = self.logic.segmentsToBeReplaced(self._parameterNode)
+            if replaced and not slicer.util.confirmOkCancelDisplay(
+                    f"The output segmentation already has {', '.join(replaced)}; segmenting replaces them "
+                    "(other segments are kept). Continue? To keep them, choose another output segmentation.",
+                    "MedSegAI"):
+                return
             if not self.ensureDependencies():
                 return
             self.ui.logTextEdit.clear()
@@ -330,6 +337,7 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def finishSegmentation(self, run) -> None:
         self._segmentationRun = None
+        self.ui.statusLabel.text = "Segmentation failed; the scene was not changed."
         with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
             result = self.logic.finishSegmentation(run)
             self._parameterNode.outputSegmentation = result.segmentation_node
@@ -413,6 +421,7 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def finishFineTune(self, run) -> None:
         self._fineTuneRun = None
+        self.ui.fineTuneStatusLabel.text = "Fine-tuning failed; no model was added."
         with slicer.util.tryWithErrorDisplay("Fine-tuning failed.", waitCursor=True):
             card = self.logic.finishFineTune(run)
             self.populateModels()
@@ -500,6 +509,9 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
         run = slicer_logic.SegmentationRun(volumes, card, parameterNode.outputSegmentation,
                                            self.engineOptions(parameterNode), temp_root=slicer.app.temporaryPath)
         return run.start()
+
+    def segmentsToBeReplaced(self, parameterNode: MedSegAIParameterNode) -> list:
+        return slicer_logic.segments_to_be_replaced(parameterNode.outputSegmentation, parameterNode.modelId)
 
     def finishSegmentation(self, run: slicer_logic.SegmentationRun) -> slicer_logic.SegmentationResult:
         self.lastResult = run.finish(slicer.mrmlScene)

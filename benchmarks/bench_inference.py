@@ -6,6 +6,8 @@
 Stages: read, model_load, preprocess, model, stitch, postprocess, write (what the engine reports),
 then "model alone": the same network called on batches of exactly the shapes the engine used,
 with nothing else around it. Overhead = end-to-end (without model_load) / model alone.
+``--repeat N`` runs it N times in this process and quotes the median of every figure (the machine
+may be shared: also look at ``cpu_s``, this process's CPU seconds, and the load average).
 Prints one JSON document, then a table.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import peak_rss_mb, print_report, synthetic_ct  # noqa: E402
+from _common import cpu_seconds, machine, median, peak_rss_mb, print_report, resolve_model_arg, synthetic_ct  # noqa: E402
 
 
 class RecordingPredictor:
@@ -69,7 +71,7 @@ def run(size: tuple[int, int, int], model: str | None, backend: str, device: str
     recorder = RecordingPredictor(load_predictor(card, backend=backend, device=device))
     timings["model_load"] = time.perf_counter() - start
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     labels, card = segment_case([volume], card, options=SegmentOptions(), timings=timings, predictor=recorder)
     engine_seconds = time.perf_counter() - start
 
@@ -82,6 +84,7 @@ def run(size: tuple[int, int, int], model: str | None, backend: str, device: str
             write_volume(output, labels)
         timings["write"] = time.perf_counter() - start
 
+    engine_cpu = cpu_seconds() - cpu_start
     alone = model_alone(recorder)
     end_to_end = timings["read"] + engine_seconds + timings["write"]
     windows = sum(key[0] * count for key, count in recorder.counts.items())
@@ -94,6 +97,7 @@ def run(size: tuple[int, int, int], model: str | None, backend: str, device: str
         **{f"{stage}_s": round(seconds, 3) for stage, seconds in timings.items()},
         "end_to_end_s": round(end_to_end, 3),
         "model_alone_s": round(alone, 3),
+        "engine_cpu_s": round(engine_cpu, 3),
         "overhead_ratio": round(end_to_end / alone, 3) if alone > 0 else None,
         "network_calls": sum(recorder.counts.values()),
         "windows": windows,
@@ -109,8 +113,18 @@ def main() -> int:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output-suffix", default=".seg.nrrd", choices=(".seg.nrrd", ".nrrd", ".nii.gz"))
+    parser.add_argument("--repeat", type=int, default=1, help="runs; the median of each figure is reported")
     args = parser.parse_args()
-    row = run(tuple(args.size), args.model, args.backend, args.device, args.output_suffix)
+    model = resolve_model_arg(args.model)
+    runs = [run(tuple(args.size), model, args.backend, args.device, args.output_suffix) for _ in range(args.repeat)]
+    row = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("network_calls", "windows"):
+            row[key] = round(median([r[key] for r in runs]), 3)
+    if args.repeat > 1:
+        row["end_to_end_all_s"] = [r["end_to_end_s"] for r in runs]
+        row["overhead_all"] = [r["overhead_ratio"] for r in runs]
+    row["machine"] = machine()
     columns = ["size", "backend", "read_s", "model_load_s", "preprocess_s", "model_s", "stitch_s", "postprocess_s",
                "write_s", "end_to_end_s", "model_alone_s", "overhead_ratio", "peak_rss_mb"]
     print_report("bench_inference", [row], columns)

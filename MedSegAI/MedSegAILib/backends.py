@@ -20,6 +20,9 @@ from .modelcard import ModelCard
 __all__ = ["Predictor", "load_predictor", "available_backends", "import_tensorflow", "BACKENDS", "DEVICES"]
 
 BACKENDS = ("auto", "onnx", "tensorflow")
+# ONNX Runtime on CPU runs at most this many voxels (windows x window voxels) per call: small
+# batches stay in cache (4 windows of 160x160 measured ~1.5x faster per window than 16).
+ONNX_CPU_RUN_VOXELS = 4 * 160 * 160
 DEVICES = ("auto", "cpu", "gpu")
 
 
@@ -94,6 +97,9 @@ class OnnxPredictor:
         options.intra_op_num_threads = _thread_count()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # Idle worker threads sleep instead of spinning: on a busy or shared CPU spinning threads
+        # steal the cores that do the work (measured 2x slower on a loaded 2-core machine).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
@@ -102,8 +108,14 @@ class OnnxPredictor:
         self.device = "gpu" if self._session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        output = self._session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})[0]
-        return np.asarray(output, dtype=np.float32)
+        """Probabilities for ``batch``; on CPU, run in cache-sized sub-batches (same result, faster)."""
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        per_window = int(np.prod(batch.shape[1:-1])) if batch.ndim > 2 else 1
+        step = batch.shape[0] if self.device == "gpu" else max(1, ONNX_CPU_RUN_VOXELS // max(1, per_window))
+        if step >= batch.shape[0]:
+            return np.asarray(self._session.run(None, {self._input: batch})[0], dtype=np.float32)
+        parts = [self._session.run(None, {self._input: batch[i : i + step]})[0] for i in range(0, batch.shape[0], step)]
+        return np.concatenate(parts, axis=0).astype(np.float32, copy=False)
 
 
 class KerasPredictor:

@@ -24,7 +24,7 @@ __all__ = ["write_segmentation", "read_segmentation_labels", "label_entries", "D
 DEFAULT_TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 _ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 _CODE_KEYS = (("category", "category"), ("type", "type"), ("type_modifier", "typeModifier"))
-_COMPRESSION_LEVEL = 6
+_COMPRESSION_LEVEL = 1  # gzip 1: ~4x faster than 6 on label maps, files ~1.5x larger
 
 
 def label_entries(labels_spec: Any) -> list[dict[str, Any]]:

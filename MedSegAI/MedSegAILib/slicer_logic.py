@@ -53,6 +53,7 @@ __all__ = [
     "ProgressEvent",
     "EngineProcess",
     "SegmentationRun",
+    "EngineRun",
     "SegmentationResult",
     "FineTuneRun",
     "STAGE_WEIGHTS",
@@ -62,6 +63,7 @@ __all__ = [
     "engine_environment",
     "resolve_model",
     "run_segmentation_blocking",
+    "segments_to_be_replaced",
     "export_for_training",
     "dataset_case_count",
     "dataset_case_changed_voxels",
@@ -197,12 +199,15 @@ def _python_path_entries() -> list[str]:
     return entries
 
 
+def _same_python(first: str, second: str) -> bool:
+    """Same executable path (symlinks are not resolved: a venv's python links to its base)."""
+    return os.path.normcase(os.path.abspath(first)) == os.path.normcase(os.path.abspath(second))
+
+
 def _running_in_slicer() -> bool:
-    try:
-        import slicer
-    except ImportError:
-        return False
-    return hasattr(slicer, "app")
+    """True inside the Slicer application (where ``slicer`` is imported and has ``app``)."""
+    module = sys.modules.get("slicer")
+    return module is not None and hasattr(module, "app")
 
 
 def default_python_executable() -> str:
@@ -220,7 +225,7 @@ def engine_environment(python_executable: str | None = None) -> dict[str, str]:
     An external Python gets Slicer's *startup* environment (without Slicer's PYTHONHOME and
     library paths) so it runs as it would from a terminal.
     """
-    external = bool(python_executable) and Path(python_executable).resolve() != Path(default_python_executable()).resolve()
+    external = bool(python_executable) and not _same_python(str(python_executable), default_python_executable())
     env = dict(os.environ)
     if external and _running_in_slicer():
         import slicer
@@ -676,6 +681,22 @@ class SegmentationRun(EngineProcess):
         return SegmentationResult(segmentation_node, table_node, labels, rows, self.card, segment_ids)
 
 
+def segments_to_be_replaced(segmentation_node: Any, model: Any) -> list[str]:
+    """Names of segments in ``segmentation_node`` that a run of ``model`` would replace.
+
+    The panel asks before replacing them (a user's corrections are never overwritten silently).
+    """
+    if segmentation_node is None:
+        return []
+    card = resolve_model(model)
+    segmentation = segmentation_node.GetSegmentation()
+    return [label.name for label in card.labels if segmentation.GetSegmentIdBySegmentName(label.name)]
+
+
+# The name the design notes use for a segmentation run.
+EngineRun = SegmentationRun
+
+
 def _remove_node(scene: Any, node: Any) -> None:
     display = node.GetDisplayNode() if hasattr(node, "GetDisplayNode") else None
     scene.RemoveNode(node)
@@ -1099,8 +1120,10 @@ def _importable(names: list[str], python_executable: str | None) -> dict[str, bo
 
     modules = [_IMPORT_NAMES[name] for name in names]
     python = python_executable or default_python_executable()
-    same = not python_executable or Path(python).resolve() == Path(sys.executable).resolve()
-    if same or (not python_executable and not _running_in_slicer()):
+    # No engine Python chosen: the engine runs with Slicer's own Python (PythonSlicer), whose
+    # packages are the ones this interpreter sees.
+    same = not python_executable or _same_python(python, sys.executable)
+    if same:
         return {name: importlib.util.find_spec(module) is not None for name, module in zip(names, modules)}
     code = "import importlib.util, json, sys; print(json.dumps([importlib.util.find_spec(m) is not None for m in sys.argv[1:]]))"
     try:

@@ -178,7 +178,7 @@ class _Predictor:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for ``batch`` as a float32 array that the caller may modify."""
         result = self._call(batch)
-        if result.dtype != np.float32 or not result.flags.writeable or np.shares_memory(result, batch):
+        if result.dtype != np.float32 or not result.flags.writeable or np.may_share_memory(result, batch):
             result = result.astype(np.float32, copy=True)
         if not self.tta:
             return result

@@ -13,6 +13,7 @@ import pytest
 keras = pytest.importorskip("keras")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("tf2onnx")
+onnx = pytest.importorskip("onnx")
 
 from MedSegAILib.errors import MedSegAIInputError, ModelFolderError  # noqa: E402
 from MedSegAILib.imageio import read_volume  # noqa: E402
@@ -125,6 +126,9 @@ def test_export_validates_and_onnx_matches_keras_on_real_ct(builder: str, tmp_pa
     assert inp.name == "image"
     assert inp.shape[-1] == 1 and all(isinstance(d, str) or d is None for d in inp.shape[:-1])  # dynamic axes
     assert session.get_outputs()[0].name == "probabilities"
+    ops = {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
+    assert "Softmax" not in ops and "Pad" not in ops  # simplify_onnx rewrote the slow patterns
+    assert written["provenance"]["onnx_simplified"] >= 2
     onnx_probs = session.run(None, {"image": batch})[0]
     assert onnx_probs.shape == batch.shape[:-1] + (3,) and onnx_probs.dtype == np.float32
     assert np.max(np.abs(onnx_probs - keras_probs)) <= ONNX_TOLERANCE
@@ -209,3 +213,24 @@ def test_mixed_precision_model_is_exported_as_float32_without_onnx(tmp_path: Pat
     assert {layer.dtype_policy.name for layer in reloaded.layers} == {"float32"}
     # float16 and float32 inference of the same weights agree to float16 precision
     np.testing.assert_allclose(np.asarray(reloaded(batch)), np.asarray(model(batch)), atol=2e-2)
+
+
+def test_simplify_keeps_conv_transposes_that_need_cropping(tmp_path: Path, ct_array: np.ndarray) -> None:
+    from medsegai_training.export import export_onnx
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((None, None, 1))
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same")(inputs)
+    x = keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same", name="up_k3")(x)  # needs TF's cropping
+    x = keras.layers.Conv2DTranspose(3, 2, strides=2, name="up_k2")(x)  # exact size: Slice/Pad bypassed
+    outputs = keras.layers.Activation("softmax", dtype="float32")(x)
+    model = keras.Model(inputs, outputs)
+    changes = export_onnx(model, tmp_path / "m.onnx")
+    assert any("up_k2" in c for c in changes) and not any("up_k3" in c for c in changes)
+    assert any("Softmax" in c for c in changes)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (_batch(ct_array, "2d"), np.ascontiguousarray(ct_array[:2, :36, :52, None])):
+        expected = np.asarray(model(batch, training=False))
+        got = session.run(None, {"image": batch})[0]
+        assert got.shape == expected.shape
+        assert np.max(np.abs(got - expected)) <= ONNX_TOLERANCE

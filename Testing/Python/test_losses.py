@@ -40,7 +40,9 @@ def _numpy_soft_dice(y: np.ndarray, p: np.ndarray, smooth: float = 1e-5) -> np.n
     return (2 * inter + smooth) / (t.sum(axis=axes) + p.sum(axis=axes) + smooth)
 
 
-@pytest.mark.parametrize("loss", [DiceCrossEntropyLoss(), DiceFocalLoss(), get_loss({"name": "dice_ce", "batch_dice": False})])
+@pytest.mark.parametrize(
+    "loss", [DiceCrossEntropyLoss(), DiceFocalLoss(), get_loss({"name": "dice_ce", "batch_dice": False})]
+)
 def test_perfect_prediction_gives_zero_loss(loss: keras.losses.Loss) -> None:
     y = _labels()
     p = _onehot(y)

@@ -345,3 +345,18 @@ def test_icon_is_a_128_pixel_png() -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (128, 128)
+
+
+def test_missing_packages_of_an_external_engine_python(tmp_path: Path) -> None:
+    """A bare virtual environment (the user's own Python) lacks the engine packages; they are named."""
+    import subprocess
+    import sys
+
+    from MedSegAILib import slicer_logic
+
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True, timeout=120)
+    python = tmp_path / "env" / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+    missing = slicer_logic.missing_packages("onnx", str(python))
+    assert missing == ["scipy", "jsonschema", "pydicom", "onnxruntime"]
+    lines = slicer_logic.requirements_to_install(missing)
+    assert [line.split(">=")[0] for line in lines] == missing

@@ -134,9 +134,12 @@ def test_output_goes_into_a_given_segmentation_node_and_the_study(scene, ct: Vol
     else:
         hierarchy.CreateItem(study, node)
     target = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
+    assert slicer_logic.segments_to_be_replaced(target, str(analytic_model_dir)) == []
+    assert slicer_logic.segments_to_be_replaced(None, str(analytic_model_dir)) == []
     result = slicer_logic.run_segmentation_blocking([node], str(analytic_model_dir), output_segmentation_node=target,
                                                     options=_cpu_onnx(), timeout=ENGINE_TIMEOUT)
     assert result.segmentation_node is target and target.GetName() == "my segmentation"
+    assert slicer_logic.segments_to_be_replaced(target, str(analytic_model_dir)) == ["bone"]
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(target)) == study
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(result.table_node)) == study
 
@@ -160,6 +163,14 @@ def test_round_trip_on_multichannel_brain_study(scene, shared_data: Path, tmp_pa
     assert exported.same_grid(t1, tolerance=1e-9)
     assert result.segmentation_node.GetName() == "T1post MedSegAI"
 
+    # A FLAIR on another (coarser) grid is resampled onto the T1post grid by the engine.
+    coarse = Volume(flair.array[:, ::2, ::2].copy(), (flair.spacing[0] * 2, flair.spacing[1] * 2, flair.spacing[2]),
+                    flair.origin, flair.direction)
+    coarse_node = mrml.add_volume_node(scene, coarse, "FLAIR coarse")
+    again = slicer_logic.run_segmentation_blocking([t1_node, coarse_node], str(model), options=_cpu_onnx(), timeout=ENGINE_TIMEOUT)
+    assert again.labels.same_grid(t1, tolerance=1e-9)
+    assert np.array_equal(mrml.labels_from_segmentation_node(again.segmentation_node, t1_node, again.card).array, expected)
+
 
 def test_cancel_leaves_no_nodes_files_or_process(scene, shared_data: Path, analytic_model_dir: Path, tmp_path: Path) -> None:
     big = Volume.from_sitk(sitk.ReadImage(str(shared_data / "ct-abdomen" / "example_ct.nii.gz")))
@@ -178,7 +189,7 @@ def test_cancel_leaves_no_nodes_files_or_process(scene, shared_data: Path, analy
     pid = run.process.pid
     started = time.monotonic()
     run.cancel()
-    assert time.monotonic() - started <= 2.5
+    assert time.monotonic() - started <= 2.0
     assert run.process.poll() is not None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any, Callable, TextIO
 
-from MedSegAILib.errors import MedSegAIInputError
+from MedSegAILib.errors import CancelledError, MedSegAIInputError
 
 __all__ = ["add_train_command", "run_train", "EpochBarReporter"]
 
@@ -116,7 +116,12 @@ def add_train_command(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Handler of ``medsegai train``; returns the exit code (user problems raise MedSegAIInputError)."""
+    """Handler of ``medsegai train``; returns the exit code.
+
+    User problems raise :class:`MedSegAIInputError` (``medsegai`` prints ``error: ...``, exit 2);
+    SIGTERM stops after the current batch and returns 130 with a message saying whether
+    ``--resume`` can continue the run.
+    """
     from pathlib import Path
 
     if args.fold is not None and args.folds is None:
@@ -141,9 +146,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.config is not None or any(v is not None for v in overrides.values()) or not args.resume:
         parent = None
         if args.init:
-            from .trainer import _parent_card
+            from .trainer import parent_card
 
-            parent = _parent_card(args.init)
+            parent = parent_card(args.init)
         config = resolve_config(args.config, parent=parent, **overrides)
 
     cancelled = {"flag": False}
@@ -164,6 +169,9 @@ def run_train(args: argparse.Namespace) -> int:
             freeze_encoder=args.freeze_encoder,
             should_cancel=lambda: cancelled["flag"],
         )
+    except CancelledError as e:
+        print(f"error: {e}", file=sys.stderr)  # says whether --resume can continue the run
+        return 130
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)

@@ -208,7 +208,7 @@ def simplify_onnx(model_proto: Any) -> list[str]:
 
     # 1. bypass Slice -> Pad after an exact-size ConvTranspose
     rename: dict[str, str] = {}
-    removed: set[int] = set()
+    removed: set[str] = set()  # first outputs of the Slice/Pad nodes to drop
     for node in graph.node:
         if node.op_type != "ConvTranspose":
             continue
@@ -231,14 +231,14 @@ def simplify_onnx(model_proto: Any) -> list[str]:
         if pads[0].output[0] in graph_outputs or (len(pads[0].input) > 2 and pads[0].input[2]):
             continue
         rename[pads[0].output[0]] = out
-        removed.update((id(slices[0]), id(pads[0])))
+        removed.update((slices[0].output[0], pads[0].output[0]))
         changes.append(f"bypassed identity Slice/Pad after {node.name}")
 
     # 2. decompose Softmax
     new_nodes: list[Any] = []
     initializers: list[Any] = []
     for node in graph.node:
-        if id(node) in removed:
+        if node.output and node.output[0] in removed:
             continue
         for i, name in enumerate(node.input):
             if name in rename:
@@ -251,15 +251,17 @@ def simplify_onnx(model_proto: Any) -> list[str]:
         base = f"{node.name}/medsegai_softmax"
         axes_name = f"{base}/axes"
         initializers.append(numpy_helper.from_array(np.array([axis], dtype=np.int64), axes_name))
-        if opset >= 18:
-            reduce_max = helper.make_node("ReduceMax", [x, axes_name], [f"{base}/max"], keepdims=1, name=f"{base}/ReduceMax")
+        if opset >= 18:  # ReduceMax takes its axes as an input from opset 18 on
+            reduce_max = helper.make_node("ReduceMax", [x, axes_name], [f"{base}/max"], keepdims=1, name=f"{base}/max")
         else:
-            reduce_max = helper.make_node("ReduceMax", [x], [f"{base}/max"], axes=[axis], keepdims=1, name=f"{base}/ReduceMax")
+            reduce_max = helper.make_node(
+                "ReduceMax", [x], [f"{base}/max"], axes=[axis], keepdims=1, name=f"{base}/max"
+            )
         new_nodes += [
             reduce_max,
             helper.make_node("Sub", [x, f"{base}/max"], [f"{base}/shifted"], name=f"{base}/Sub"),
             helper.make_node("Exp", [f"{base}/shifted"], [f"{base}/exp"], name=f"{base}/Exp"),
-            helper.make_node("ReduceSum", [f"{base}/exp", axes_name], [f"{base}/sum"], keepdims=1, name=f"{base}/ReduceSum"),
+            helper.make_node("ReduceSum", [f"{base}/exp", axes_name], [f"{base}/sum"], keepdims=1, name=f"{base}/sum"),
             helper.make_node("Div", [f"{base}/exp", f"{base}/sum"], [y], name=f"{base}/Div"),
         ]
         changes.append(f"decomposed {node.name} (axis {axis})")
@@ -291,7 +293,7 @@ def _prune_dead_nodes(graph: Any) -> None:
 
 def _keras_predict(model: Any, batch: np.ndarray, chunk: int = 8) -> np.ndarray:
     """Eager inference in chunks (no tf.function tracing for a one-off check)."""
-    outputs = [np.asarray(model(batch[i : i + chunk], training=False), dtype=np.float32) for i in range(0, len(batch), chunk)]
+    outputs = [np.asarray(model(batch[i : i + chunk], training=False), np.float32) for i in range(0, len(batch), chunk)]
     return np.concatenate(outputs, axis=0)
 
 
@@ -359,7 +361,8 @@ def _copy_extra(tmp: Path, extra_files: Mapping[str, Any]) -> list[str]:
     reserved = {KERAS_FILE, ONNX_FILE, MODEL_JSON}
     names = []
     for name, content in extra_files.items():
-        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", "..") or name in reserved:
+        plain = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+        if not plain or name in reserved:
             raise ValueError(f"extra_files key {name!r} must be a plain file name other than {sorted(reserved)}")
         target = tmp / name
         if isinstance(content, bytes):

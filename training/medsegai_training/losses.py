@@ -64,7 +64,9 @@ def _check_class_weights(class_weights: Sequence[float] | None) -> list[float] |
             raise ValueError(f"class_weights must be non-negative numbers, got {class_weights!r}")
         weights.append(float(w))
     if len(weights) < 2 or sum(weights[1:]) <= 0:
-        raise ValueError(f"class_weights needs one weight per class (K >= 2) and a positive foreground weight, got {weights!r}")
+        raise ValueError(
+            f"class_weights needs one weight per class (K >= 2) and a positive foreground weight, got {weights!r}"
+        )
     return weights
 
 
@@ -359,7 +361,9 @@ class MeanForegroundDice(keras.metrics.Metric):
         return config
 
 
-def make_metrics(labels: Sequence[str | Mapping[str, Any]], num_classes: int | None = None) -> list[keras.metrics.Metric]:
+def make_metrics(
+    labels: Sequence[str | Mapping[str, Any]], num_classes: int | None = None
+) -> list[keras.metrics.Metric]:
     """One :class:`PerLabelDice` per label (names ``dice_<name>``) plus a :class:`MeanForegroundDice`.
 
     Args:

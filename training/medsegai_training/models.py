@@ -203,7 +203,8 @@ class CBAM(keras.layers.Layer):
 # ----------------------------------------------------------------------------------------------
 def _check_int(config: Mapping[str, Any], key: str, minimum: int, maximum: int | None = None) -> int:
     value = config[key]
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or (maximum is not None and value > maximum):
+    too_big = maximum is not None and isinstance(value, int) and value > maximum
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum or too_big:
         bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"model config {key!r} must be an integer {bound}, got {value!r}")
     return value

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
+import hashlib
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from MedSegAILib.errors import CancelledError, MedSegAIInputError, ModelFolderEr
 
 from .config import TrainConfig, config_from_dict, load_config
 
-__all__ = ["train", "resolve_config", "finetune_defaults", "RUN_FILE", "TRAINING_DIR"]
+__all__ = ["train", "resolve_config", "finetune_defaults", "parent_card", "make_strategy", "RUN_FILE", "TRAINING_DIR"]
 
 TRAINING_DIR = "training"
 RUN_FILE = "run.json"
@@ -102,7 +103,12 @@ def _git_commit() -> dict[str, Any] | None:
     return {"commit": commit, "dirty": bool(status)} if commit else None
 
 
-def _parent_card(init: str | os.PathLike[str]) -> Any:
+def parent_card(init: str | os.PathLike[str]) -> Any:
+    """The validated card of the model to fine-tune (``--init``): id or folder, with Keras weights.
+
+    Raises:
+        ModelFolderError: not found, invalid, no ``model.keras`` or no ``architecture`` record.
+    """
     from MedSegAILib.modelcard import find_model
 
     card = find_model(init)
@@ -172,12 +178,17 @@ def resolve_config(
 
     With a ``parent`` model card (``--init``), keys the recipe does not set come from
     :func:`finetune_defaults`. ``overrides`` (e.g. ``epochs=3``; None ignored) win over both.
+    A :class:`TrainConfig` made by :func:`config_from_dict`/:func:`load_config` remembers which
+    keys its recipe set; one constructed directly counts as setting every key.
     """
     if isinstance(config, TrainConfig):
         data = config.to_dict()
         explicit = set(getattr(config, "explicit_keys", data))
     elif isinstance(config, dict):
         data = copy.deepcopy(config)
+        data.pop("$comment", None)
+        if "id" in data and "model_id" not in data:
+            data["model_id"] = data.pop("id")
         explicit = set(data)
     elif config is None:
         data, explicit = {}, set()
@@ -195,8 +206,11 @@ def resolve_config(
     return result
 
 
-def _decorate_labels(labels: list[dict[str, Any]], parent: Any) -> None:
-    """Give labels the parent's colour/terminology when a parent label has the same name."""
+def _decorate_labels(labels: list[dict[str, Any]], parent: Any, explicit: set[str]) -> None:
+    """Give labels the parent's colour/terminology when a parent label has the same name.
+
+    ``explicit`` names labels whose colour the recipe sets (kept as they are).
+    """
     if parent is None:
         return
     by_name = {label.name: label for label in parent.labels}
@@ -206,7 +220,8 @@ def _decorate_labels(labels: list[dict[str, Any]], parent: Any) -> None:
             continue
         if source.terminology and "terminology" not in label:
             label["terminology"] = copy.deepcopy(source.terminology)
-        label["color"] = list(source.color)
+        if label["name"] not in explicit:
+            label["color"] = list(source.color)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,7 +542,7 @@ class _Run:
 
 def _dataset_identity(info: Any) -> dict[str, Any]:
     ids = [case.id for case in info.cases]
-    digest = __import__("hashlib").sha1(json.dumps(ids).encode()).hexdigest()[:16]
+    digest = hashlib.sha1(json.dumps(ids).encode()).hexdigest()[:16]
     return {
         "path": str(info.root),
         "name": info.root.name,
@@ -633,7 +648,7 @@ def train(
             "`medsegai dataset add` or `medsegai dataset import-nnunet`."
         )
     init_text = str(init) if init is not None else None
-    parent = _parent_card(init) if init is not None else None
+    parent = parent_card(init) if init is not None else None
     stored_record = None
     if resume and config is None:
         run_file = output / TRAINING_DIR / RUN_FILE
@@ -649,6 +664,15 @@ def train(
         parent_for_config = parent
     cfg = resolve_config(config, parent=parent_for_config, freeze_encoder=freeze_encoder)
 
+    exists = output.exists() or output.is_symlink()
+    if exists and not resume:
+        raise MedSegAIInputError(
+            f"output folder {output} already exists; choose a new folder (nothing is overwritten), "
+            "or add --resume to continue the unfinished run stored there."
+        )
+    if resume and not exists:
+        raise MedSegAIInputError(f"there is no run to resume in {output} (it does not exist); start without --resume.")
+
     # Refuse a bad dataset before anything is created or any TensorFlow work starts.
     report = check_dataset(dataset_path)
     report.raise_if_errors()
@@ -656,11 +680,11 @@ def train(
     identity = _dataset_identity(info)
     record, resuming = _open_output(output, resume, cfg, identity, init_text)
 
-    from .data import fit_normalization, load_cases, make_data_plan
+    from .data import make_data_plan
     from .splits import make_split
 
     plan = make_data_plan(cfg, info.channels, info.labels)
-    _decorate_labels(plan.labels, parent)
+    _decorate_labels(plan.labels, parent, {lab["name"] for lab in (cfg.labels or []) if lab.get("color")})
     if parent is not None and len(parent.channels) != len(plan.channels):
         raise MedSegAIInputError(
             f"the parent model {parent.id} takes {len(parent.channels)} channel(s) "
@@ -671,11 +695,71 @@ def train(
         info.cases, folds=cfg.folds, fold=cfg.fold, validation_fraction=cfg.validation_fraction,
         validation_cases=cfg.validation_cases, test_cases=cfg.test_cases, test_fraction=cfg.test_fraction, seed=cfg.seed,
     )
+    model_cfg, divisible = _model_config(cfg, plan)
     workers, tf_config = _tf_config_workers()
     run = _Run(output, _is_chief(tf_config))
 
     if record is None:
         output.mkdir(parents=False, exist_ok=False)
+        created = True
+    else:
+        created = False
+    try:
+        return _prepare_and_run(
+            cfg, info, plan, split, run, record, identity, init_text, resuming, parent, strategy,
+            progress, should_cancel, workers, model_cfg, divisible,
+        )
+    except BaseException:
+        if created and not run.state.get("epochs_done"):
+            # Nothing worth resuming was written: leave no half-made output folder behind.
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+
+
+def _model_config(cfg: TrainConfig, plan: Any) -> tuple[dict[str, Any], int]:
+    """The complete builder config (channels and classes filled in) and the size divisor."""
+    from . import models
+
+    model_cfg = dict(cfg.model)
+    model_cfg["in_channels"] = len(plan.channels)
+    model_cfg["num_classes"] = plan.num_classes
+    try:
+        model_cfg = models.resolve_config(model_cfg)
+        network_divisor = models.divisible_by(model_cfg)
+    except ValueError as e:
+        raise MedSegAIInputError(f"training config 'model': {e}; fix the recipe.") from e
+    divisible = int(np.lcm(network_divisor, int(cfg.spatial.get("divisible_by", 1))))
+    if any(p % divisible for p in cfg.spatial["patch_size"]):
+        raise MedSegAIInputError(
+            f"spatial.patch_size {cfg.spatial['patch_size']} must be divisible by {divisible} "
+            f"(2**depth of the network); change the patch size or the depth."
+        )
+    return model_cfg, divisible
+
+
+def _prepare_and_run(
+    cfg: TrainConfig,
+    info: Any,
+    plan: Any,
+    split: Any,
+    run: _Run,
+    record: dict[str, Any] | None,
+    identity: dict[str, Any],
+    init_text: str | None,
+    resuming: bool,
+    parent: Any,
+    strategy: str,
+    progress: ProgressCallback | None,
+    should_cancel: Callable[[], bool] | None,
+    workers: int,
+    model_cfg: dict[str, Any],
+    divisible: int,
+) -> Path:
+    """Write run.json, fit normalisation, load the cases, then train and export."""
+    from .data import fit_normalization, load_cases
+
+    output = run.output_dir
+    if record is None:
         run.training_dir.mkdir()
         run.record = {
             "format": "medsegai-training-run",
@@ -720,7 +804,7 @@ def train(
 
     return _fit_and_export(
         cfg, info, plan, split, train_cases, validation_cases, run, parent, strategy, progress,
-        should_cancel, workers, cache_dir if not cfg.cache_dir else None,
+        should_cancel, workers, cache_dir if not cfg.cache_dir else None, model_cfg, divisible,
     )
 
 
@@ -738,9 +822,10 @@ def _fit_and_export(
     should_cancel: Callable[[], bool] | None,
     workers: int,
     own_cache: Path | None,
+    model_cfg: dict[str, Any],
+    divisible: int,
 ) -> Path:
     import keras
-    import tensorflow as tf
 
     from . import losses, models
     from .data import Sampler, make_train_dataset
@@ -750,21 +835,6 @@ def _fit_and_export(
     mixed = _use_mixed_precision(cfg.mixed_precision)
     epochs, steps_per_epoch = cfg.plan()
     total_updates = (epochs * steps_per_epoch) // cfg.accumulation_steps
-
-    model_cfg = dict(cfg.model)
-    model_cfg["in_channels"] = len(plan.channels)
-    model_cfg["num_classes"] = plan.num_classes
-    try:
-        model_cfg = models.resolve_config(model_cfg)
-    except ValueError as e:
-        raise MedSegAIInputError(f"training config 'model': {e}; fix the recipe.") from e
-    network_divisor = models.divisible_by(model_cfg)
-    divisible = int(np.lcm(network_divisor, int(cfg.spatial.get("divisible_by", 1))))
-    if any(p % divisible for p in cfg.spatial["patch_size"]):
-        raise MedSegAIInputError(
-            f"spatial.patch_size {cfg.spatial['patch_size']} must be divisible by {divisible} "
-            f"(2**depth of the network); change the patch size or the depth."
-        )
 
     sampler = Sampler(train_cases, cfg.spatial, plan.num_classes, cfg.foreground_fraction, cfg.seed)
     state = run.state
@@ -794,6 +864,9 @@ def _fit_and_export(
                 metrics=[losses.MeanForegroundDice(plan.num_classes)],
                 jit_compile=False,
             )
+
+        if strategy_name == "multiworker":
+            _prebuild_for_multiworker(model, strategy, sampler)
 
         backup_dir = run.training_dir / "backup"
         initial_epoch = 0
@@ -849,9 +922,15 @@ def _fit_and_export(
                 initial_epoch=initial_epoch,
                 callbacks=callbacks,
                 verbose=0,
+                shuffle=False,
             )
         if run_state.cancelled:
-            raise CancelledError(f"training cancelled; continue it with --resume (output folder {run.output_dir}).")
+            if state.get("epochs_done"):
+                raise CancelledError(
+                    f"training cancelled after epoch {state['epochs_done']}; continue it with --resume "
+                    f"(output folder {run.output_dir})."
+                )
+            raise CancelledError("training cancelled before the first epoch finished; nothing was kept.")
         if not state.get("epochs_done"):
             raise MedSegAIInputError("training stopped before finishing one epoch; check the loss (NaN?) and the data.")
         if workers > 1:
@@ -860,9 +939,7 @@ def _fit_and_export(
         keras.config.set_dtype_policy(previous_policy)
 
     if not run.is_chief:
-        run.record["status"] = "finished"
-        run.record["finished"] = _now()
-        run.save_state()
+        _finish(run, own_cache)
         return run.output_dir
 
     if progress is not None:
@@ -878,16 +955,57 @@ def _fit_and_export(
     extra = {"NOTICE": cfg.notice} if cfg.notice else None
     _export_into(final_model, card, run.output_dir, sample_batch, extra)
 
+    _finish(run, own_cache)
+    if progress is not None:
+        progress("export", 1, 1, f"model folder {run.output_dir}")
+    return run.output_dir
+
+
+def _finish(run: _Run, own_cache: Path | None) -> None:
+    """Mark the run finished and remove what only a resumed run needs (backup, cache, best checkpoint).
+
+    The dataset's absolute path (kept while the run can be resumed) is dropped from run.json, so a
+    shared model folder does not carry local paths.
+    """
     run.record["status"] = "finished"
     run.record["finished"] = _now()
+    run.record.get("dataset", {}).pop("path", None)
     run.save_state()
     for leftover in (run.training_dir / "backup", own_cache):
         if leftover is not None and leftover.exists():
             shutil.rmtree(leftover, ignore_errors=True)
-    best_path.unlink(missing_ok=True)
-    if progress is not None:
-        progress("export", 1, 1, f"model folder {run.output_dir}")
-    return run.output_dir
+    (run.training_dir / BEST_FILE).unlink(missing_ok=True)
+
+
+def _prebuild_for_multiworker(model: Any, strategy: Any, sampler: Any) -> None:
+    """Make ``model.fit`` work under MultiWorkerMirroredStrategy with Keras 3.
+
+    Two places of Keras' TensorFlow trainer (3.x) fail with MultiWorkerMirroredStrategy's
+    collective reduce: the start of ``fit`` builds the compiled metrics by ``strategy.reduce``-ing
+    a whole distributed ``(x, y)`` batch (a nested ``PerReplica`` value it cannot convert), and the
+    train function reduces the scalar loss/metrics of each step ``axis=0`` (invalid for scalars).
+    Here the model, loss, metrics and optimizer are built from one plain local batch, that first
+    step is skipped, and the train function runs ``model.train_step`` per replica (gradients are
+    all-reduced by the optimizer as usual) and averages the scalar logs over all replicas.
+    Every worker runs this at the same point, so collective variable creation stays in step.
+    """
+    import tensorflow as tf
+
+    windows = [sampler.window(i) for i in range(2)]
+    images = tf.constant(np.stack([w[0] for w in windows]))
+    labels = tf.constant(np.stack([w[1] for w in windows]).astype(np.int32))
+    with strategy.scope():
+        model._symbolic_build(data_batch=(images, labels))
+        if not model.optimizer.built:
+            model.optimizer.build(model.trainable_variables)
+    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+
+    @tf.function(reduce_retracing=True)
+    def one_step(iterator: Any) -> dict[str, Any]:
+        outputs = strategy.run(model.train_step, args=(next(iterator),))
+        return {name: strategy.reduce("MEAN", value, axis=None) for name, value in outputs.items()}
+
+    model.train_function = one_step
 
 
 def _model_card(

@@ -1,0 +1,110 @@
+"""The Slicer path (volume node → engine process → segmentation node) vs the CLI, same volume.
+
+    python benchmarks/bench_slicer_path.py                           # default model, 512x512x200
+    python benchmarks/bench_slicer_path.py --model FOLDER --slices 200 --repeat 3
+
+- CLI: ``python -m MedSegAILib.cli segment CT.nrrd -o OUT.seg.nrrd --model M --progress none``
+  timed from process start to exit (start-up, imports, model load, read, segment, write).
+- Slicer path: the CT as a scalar volume node in slicer-core's real ``slicer.vtkMRMLScene``;
+  ``slicer_logic.run_segmentation_blocking`` writes the node to a temporary file, runs the engine
+  in a separate process (the same CLI, ``--progress json`` and measurements) and fills a
+  segmentation node. Timed from the call to the filled node.
+- Engine start-up: a fresh process that imports the engine and loads the model (nothing else).
+
+Runs alternate (CLI, Slicer, CLI, Slicer, ...) so that machine noise hits both; medians are quoted.
+Targets (issue 6): Slicer path ≤ 1.10 × CLI, engine start-up < 5 s on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, machine, median, print_report, resolve_model_arg, synthetic_ct  # noqa: E402
+
+STARTUP_CODE = (
+    "import time; t=time.perf_counter(); from MedSegAILib.pipeline import run_segmentation; "
+    "from MedSegAILib.backends import load_predictor; from MedSegAILib.modelcard import find_model; "
+    "p=load_predictor(find_model({model!r}), backend={backend!r}); print(p.name, time.perf_counter()-t)"
+)
+
+
+def time_startup(model: str, backend: str) -> tuple[float, float, str]:
+    """(process wall seconds, in-process import+load seconds, backend)."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", STARTUP_CODE.format(model=model, backend=backend)],
+                          capture_output=True, text=True, check=True, cwd=tempfile.gettempdir())
+    wall = time.perf_counter() - start
+    name, inner = done.stdout.split()[-2:]
+    return wall, float(inner), name
+
+
+def time_cli(volume: Path, model: str, backend: str) -> float:
+    with tempfile.TemporaryDirectory(prefix="medsegai-bench-") as folder:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "MedSegAILib.cli", "segment", str(volume), "-o", str(Path(folder) / "out.seg.nrrd"),
+                        "--model", model, "--backend", backend, "--progress", "none"], check=True, capture_output=True)
+        return time.perf_counter() - start
+
+
+def time_slicer(volume: Path, model: str, backend: str) -> tuple[float, dict]:
+    import slicer
+
+    from MedSegAILib import mrml, slicer_logic
+    from MedSegAILib.imageio import read_volume
+
+    scene = slicer.vtkMRMLScene()
+    node = mrml.add_volume_node(scene, read_volume(volume), "CT")
+    options = slicer_logic.EngineOptions(backend=backend)
+    stages: dict[str, float] = {}
+    start = time.perf_counter()
+
+    def progress(event: object) -> None:
+        stages.setdefault(getattr(event, "stage", "?"), time.perf_counter() - start)
+
+    result = slicer_logic.run_segmentation_blocking([node], model, options=options, progress=progress)
+    seconds = time.perf_counter() - start
+    segments = result.segmentation_node.GetSegmentation().GetNumberOfSegments()
+    scene.Clear(1)
+    return seconds, {"first_event_s": {k: round(v, 3) for k, v in stages.items()}, "segments": segments}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    model = resolve_model_arg(args.model)
+    volume = synthetic_ct((512, 512, args.slices))
+    time_cli(volume, model, args.backend)  # warm the file cache once (not counted)
+
+    startup = [time_startup(model, args.backend) for _ in range(args.repeat)]
+    cli, slicer_runs, details = [], [], {}
+    for _ in range(args.repeat):
+        cli.append(time_cli(volume, model, args.backend))
+        seconds, details = time_slicer(volume, model, args.backend)
+        slicer_runs.append(seconds)
+    ratio = median(slicer_runs) / median(cli)
+    rows = [
+        {"what": "engine start-up (process + imports + model load)", "median_s": round(median([s[0] for s in startup]), 3),
+         "all_s": [round(s[0], 2) for s in startup], "in_process_s": round(median([s[1] for s in startup]), 3),
+         "backend": startup[0][2], "target": "< 5 s", "met": median([s[0] for s in startup]) < 5.0},
+        {"what": "CLI (medsegai segment, whole process)", "median_s": round(median(cli), 3), "all_s": [round(s, 2) for s in cli]},
+        {"what": "Slicer path (node → engine process → node)", "median_s": round(median(slicer_runs), 3),
+         "all_s": [round(s, 2) for s in slicer_runs], **details},
+        {"what": "ratio Slicer / CLI", "median_s": round(ratio, 3), "target": "<= 1.10", "met": ratio <= 1.10},
+    ]
+    print_report("bench_slicer_path", rows, ["what", "median_s", "all_s", "in_process_s", "target", "met"])
+    print(f"\nvolume 512x512x{args.slices}, model {Path(model).name}; machine: {machine()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
