@@ -103,7 +103,7 @@ class TrainConfig:
         notice: text of a ``NOTICE`` file written into the model folder (licence/attribution of
             the training data); empty = no file.
         model: builder config passed to ``models.build_model`` (``builder`` plus its options; the
-            trainer fills in ``input_channels`` and ``num_classes``).
+            trainer fills in ``in_channels`` and ``num_classes``).
         spatial: ``mode`` (``2d``/``3d``), ``axis`` (2D slicing axis), ``patch_size`` (array
             order), ``target_spacing`` (mm, x/y/z, ``None`` keeps the input's), ``divisible_by``.
         channels: list of ``{"name", "modality"?, "normalization"}``; ``None`` uses every dataset
