@@ -12,8 +12,7 @@ import json
 import signal
 import sys
 import traceback
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import __version__
 from .errors import CancelledError, MedSegAIInputError
@@ -47,34 +46,26 @@ class _CancelFlag:
             signal.signal(signum, handler)
 
 
-def _overlap(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"overlap must be a number in [0, 1), not {text!r}") from e
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"overlap must be in [0, 1), not {value}")
-    return value
+def number_type(convert: Callable[[str], float], minimum: float, below: float | None = None) -> Callable[[str], Any]:
+    """An argparse ``type=`` that parses with ``convert`` and checks ``minimum <= value (< below)``."""
+    kind = "a whole number" if convert is int else "a number"
+    bound = f"in [{minimum:g}, {below:g})" if below is not None else f"≥ {minimum:g}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, not {text!r}") from e
+        if value < minimum or (below is not None and value >= below):
+            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, not {value}")
+        return value
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from e
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number ≥ 1, not {value}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from e
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, not {value}")
-    return value
+_overlap = number_type(float, 0, below=1)
+_positive_int = number_type(int, 1)
+_non_negative = number_type(float, 0)
 
 
 def _common_options() -> argparse.ArgumentParser:

@@ -918,7 +918,7 @@ def check_dataset(dataset_dir: str | os.PathLike[str]) -> DatasetReport:
         referenced.add(case.label)
         volumes: list[tuple[str, Volume]] = []
         case_ok = True
-        for index, (name, path) in enumerate(zip(channels, case.images)):
+        for name, path in zip(channels, case.images):
             rel = _relative(root, path)
             volume = _check_file(report, case.id, rel, path, f"channel {name!r} image")
             if volume is None:

@@ -12,29 +12,14 @@ import sys
 import time
 from typing import Any, Callable, TextIO
 
+from MedSegAILib.cli import number_type
 from MedSegAILib.errors import CancelledError, MedSegAIInputError
 
 __all__ = ["add_train_command", "run_train", "EpochBarReporter"]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from e
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, not {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from e
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, not {value}")
-    return value
+_positive_int = number_type(int, 1)
+_non_negative_int = number_type(int, 0)
 
 
 class EpochBarReporter:

@@ -370,19 +370,13 @@ def make_metrics(
         labels: label names (value = position + 1) or ``model.json`` label dicts (``name``, ``value``).
         num_classes: ``K``; default ``max(value) + 1``.
     """
-    if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence) or not labels:
+    from .models import label_values
+
+    if not labels:
         raise TypeError(f"labels must be a non-empty sequence of names or label dicts, got {labels!r}")
-    metrics: list[keras.metrics.Metric] = []
-    values = []
-    for i, label in enumerate(labels):
-        if isinstance(label, str):
-            name, value = label, i + 1
-        elif isinstance(label, Mapping) and "name" in label:
-            name, value = label["name"], int(label.get("value", i + 1))
-        else:
-            raise TypeError(f"labels[{i}] must be a name or a dict with 'name', got {label!r}")
-        values.append(value)
-        metrics.append(PerLabelDice(value, name))
+    by_name = label_values(labels, "labels")
+    metrics: list[keras.metrics.Metric] = [PerLabelDice(value, name) for name, value in by_name.items()]
+    values = list(by_name.values())
     k = num_classes if num_classes is not None else max(values) + 1
     metrics.append(MeanForegroundDice(k))
     return metrics

@@ -47,6 +47,7 @@ __all__ = [
     "dense_unet_2d",
     "divisible_by",
     "freeze_encoder",
+    "label_values",
     "resolve_config",
     "unet_2d",
     "unet_3d",
@@ -613,7 +614,8 @@ def freeze_encoder(model: keras.Model, trainable: bool = False) -> list[str]:
     return names
 
 
-def _label_values(labels: Sequence[Any], what: str) -> dict[str, int]:
+def label_values(labels: Sequence[Any], what: str) -> dict[str, int]:
+    """``{name: value}`` from label names (value = position + 1) or ``model.json`` label dicts."""
     if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
         raise TypeError(f"{what} must be a sequence of label names or label dicts, got {type(labels).__name__}")
     values: dict[str, int] = {}
@@ -662,8 +664,8 @@ def adapt_from_parent(
     for name, model in (("new_model", new_model), ("parent_model", parent_model)):
         if not isinstance(model, keras.Model):
             raise TypeError(f"{name} must be a keras.Model, got {type(model).__name__}")
-    parent_values = _label_values(parent_labels, "parent_labels")
-    new_values = _label_values(new_labels, "new_labels")
+    parent_values = label_values(parent_labels, "parent_labels")
+    new_values = label_values(new_labels, "new_labels")
     parent_layers = {layer.name: layer for layer in parent_model.layers}
 
     report: dict[str, list[str]] = {
