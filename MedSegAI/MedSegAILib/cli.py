@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import traceback
@@ -218,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CancelledError, KeyboardInterrupt):
         print("error: cancelled; no output was written.", file=sys.stderr)
         return EXIT_CANCELLED
+    except BrokenPipeError:  # the reader went away (e.g. `medsegai models | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
     except Exception as e:  # anything else is a bug: say so, keep the traceback for --debug
         if getattr(args, "debug", False):
             traceback.print_exc()
@@ -225,5 +230,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
 
 
+def run() -> None:
+    """Console-script entry point: ``main()``, then exit with its code.
+
+    A cancelled run exits at once, skipping interpreter teardown (which can take seconds with the
+    inference libraries loaded), so Cancel in Slicer stops the engine within its two seconds. Its
+    temporary files were already removed on the way out of the pipeline.
+    """
+    code = main()
+    if code == EXIT_CANCELLED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
