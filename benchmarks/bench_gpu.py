@@ -29,7 +29,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median, print_report, resolve_model_arg, segment_in_this_process, synthetic_ct  # noqa: E402
+from _common import (
+    machine,
+    median,
+    print_report,
+    resolve_model_arg,
+    segment_in_this_process,
+    synthetic_ct,
+)
 
 TARGET_SLICES_PER_S = 500.0
 
@@ -76,7 +83,7 @@ def record_windows(volume_path: Path, card: object) -> list[np.ndarray]:
     return batches
 
 
-def time_calls(predict, batches: list[np.ndarray], repeat: int) -> float:  # noqa: ANN001
+def time_calls(predict, batches: list[np.ndarray], repeat: int) -> float:
     for batch in batches[:3]:
         predict(batch)
     seconds = []
@@ -94,7 +101,6 @@ def keras_predictors(card: object) -> dict:
 
     tf = import_tensorflow()
     import keras
-
     from medsegai_training.models import build_model
 
     loaded = keras.saving.load_model(str(card.weights_path("keras")), compile=False, safe_mode=True)  # type: ignore[attr-defined]
@@ -109,7 +115,10 @@ def keras_predictors(card: object) -> dict:
             keras.config.set_dtype_policy(previous)
         mixed.set_weights(loaded.get_weights())
         out["tensorflow mixed_float16"] = tf.function(lambda x: tf.cast(mixed(x, training=False), tf.float32))
-    return {name: (lambda f: (lambda b: np.asarray(f(b))))(fn) for name, fn in out.items()}
+    def as_numpy(function):
+        return lambda batch: np.asarray(function(batch))
+
+    return {name: as_numpy(function) for name, function in out.items()}
 
 
 def main() -> int:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, print_report, resolve_model_arg, run_child, synthetic_ct  # noqa: E402
+from _common import machine, print_report, resolve_model_arg, run_child, synthetic_ct
 
 FULL_GRID = [(n, z) for n in (128, 256, 512) for z in (50, 200, 600)]
 QUICK_GRID = [(128, 50), (256, 200), (512, 50), (512, 200), (512, 600)]

@@ -9,7 +9,8 @@
 2. The recipe's data plan, normalisation fit, preprocessing, foreground-oversampling sampler and
    ``make_train_dataset`` (augmentation from the recipe, parallel map, prefetch) are set up
    exactly as ``medsegai train`` does.
-3. Producer: batches/s drawn from the dataset alone (after a warm-up).
+3. Producer: batches/s drawn from the dataset alone (after a warm-up); for diagnosis also without
+   augmentation, and the numpy window sampler alone (single thread).
 4. Consumer: training steps/s of the recipe's network, optimiser and loss on one fixed batch held
    in memory (``train_on_batch``; the input pipeline is not involved).
 5. Together: steps/s of ``model.fit`` fed by the pipeline, to show whether training is input-bound.
@@ -28,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, machine, print_report  # noqa: E402
+from _common import REPO, machine, print_report
 
 TARGET_RATIO = 3.0
 
@@ -45,12 +46,17 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO / "training" / "recipes"))
     import build_datasets
-
-    from MedSegAILib.backends import import_tensorflow
-    from MedSegAILib.dataset import load_dataset, read_case
     from medsegai_training import losses, models
     from medsegai_training.config import load_config
-    from medsegai_training.data import Sampler, fit_normalization, load_cases, make_data_plan, make_train_dataset
+    from medsegai_training.data import (
+        Sampler,
+        fit_normalization,
+        load_cases,
+        make_data_plan,
+        make_train_dataset,
+    )
+    from MedSegAILib.backends import import_tensorflow
+    from MedSegAILib.dataset import load_dataset, read_case
 
     tf = import_tensorflow()
     import keras
@@ -67,7 +73,7 @@ def main() -> int:
         plan = make_data_plan(cfg, info.channels, info.labels)
         case_ids = [case["id"] if isinstance(case, dict) else case.id for case in info.cases]
 
-        def read_for_fit(case_id: str):  # noqa: ANN202
+        def read_for_fit(case_id: str):
             images, label = read_case(info, case_id)
             return [images[i] for i in plan.channel_indices], label
 
@@ -80,14 +86,21 @@ def main() -> int:
     augmentation = cfg.augmentation_config()
     dataset = make_train_dataset(sampler, cfg.batch_size, augmentation, num_parallel_calls=cfg.num_workers)
 
-    iterator = iter(dataset)
-    for _ in range(args.warmup):
-        batch = next(iterator)
+    def drain(data):
+        iterator = iter(data)
+        for _ in range(args.warmup):
+            last = next(iterator)
+        start = time.perf_counter()
+        for _ in range(args.batches):
+            last = next(iterator)
+        return args.batches / (time.perf_counter() - start), last
+
+    producer, batch = drain(dataset)
+    plain, _ = drain(make_train_dataset(sampler, cfg.batch_size, None, num_parallel_calls=cfg.num_workers))
     start = time.perf_counter()
-    for _ in range(args.batches):
-        batch = next(iterator)
-    producer = args.batches / (time.perf_counter() - start)
-    del iterator
+    for index in range(args.batches * cfg.batch_size):
+        sampler.window(index)
+    sampler_only = args.batches / (time.perf_counter() - start)
 
     model_cfg = dict(cfg.model)
     model_cfg["in_channels"] = len(plan.channels)
@@ -120,6 +133,8 @@ def main() -> int:
         "cases": len(cases),
         "preprocess_s": round(preprocess_s, 2),
         "pipeline_batches_per_s": round(producer, 2),
+        "pipeline_no_augmentation_batches_per_s": round(plain, 2),
+        "sampler_only_batches_per_s": round(sampler_only, 2),
         "train_steps_per_s_fixed_batch": round(consumer, 2),
         "ratio": round(ratio, 2),
         "meets_3x": ratio >= TARGET_RATIO,
@@ -129,6 +144,7 @@ def main() -> int:
         "machine": machine(),
     }
     print_report("bench_training_input", [row], ["recipe", "batch_size", "patch", "pipeline_batches_per_s",
+                                                 "pipeline_no_augmentation_batches_per_s", "sampler_only_batches_per_s",
                                                  "train_steps_per_s_fixed_batch", "ratio", "meets_3x",
                                                  "fit_steps_per_s_with_pipeline", "input_bound_slowdown"])
     return 0

@@ -56,7 +56,6 @@ def _card(model_id: str, mode: str, patch: list[int], spacing: list[float | None
 def make(folder: Path, mode: str) -> Path:
     """Build, export and return one stand-in model folder (``folder`` must not exist)."""
     import keras
-
     from medsegai_training.export import export_model_folder
     from medsegai_training.models import build_model, resolve_config
 

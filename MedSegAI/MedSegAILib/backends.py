@@ -17,7 +17,7 @@ import numpy as np
 from .errors import MedSegAIInputError, ModelFolderError
 from .modelcard import ModelCard
 
-__all__ = ["Predictor", "load_predictor", "available_backends", "import_tensorflow", "BACKENDS", "DEVICES"]
+__all__ = ["BACKENDS", "DEVICES", "Predictor", "available_backends", "import_tensorflow", "load_predictor"]
 
 BACKENDS = ("auto", "onnx", "tensorflow")
 # ONNX Runtime on CPU runs at most this many voxels (windows x window voxels) per call: small

@@ -41,7 +41,7 @@ from .preprocessing import (
 )
 from .sliding_window import sliding_window_2d, sliding_window_3d, window_grid
 
-__all__ = ["SegmentOptions", "segment_volumes", "decide_labels", "argmax_labels", "upsample_argmax", "DEFAULT_BATCH_SIZE", "STREAM_BUDGET_BYTES"]
+__all__ = ["DEFAULT_BATCH_SIZE", "STREAM_BUDGET_BYTES", "SegmentOptions", "argmax_labels", "decide_labels", "segment_volumes", "upsample_argmax"]
 
 DEFAULT_BATCH_SIZE = {"2d": 8, "3d": 1}
 # Size of the float32 working set (slab accumulators, back-mapping chunks) per streaming step.

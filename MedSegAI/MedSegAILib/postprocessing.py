@@ -9,6 +9,7 @@ result as on the whole volume.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from scipy import ndimage
 
 from .errors import MedSegAIInputError
 
-__all__ = ["postprocess", "POSTPROCESSING_KEYS"]
+__all__ = ["POSTPROCESSING_KEYS", "postprocess"]
 
 POSTPROCESSING_KEYS = ("method", "thresholds", "largest_component", "fill_holes", "min_island_mm3")
 
@@ -49,6 +50,8 @@ def _boxes(labels: np.ndarray) -> list[tuple[slice, ...] | None]:
 
 
 _COUNT_CHUNK = 1 << 20
+# Below this many bounding-box voxels in all, largest_component runs on one thread.
+_PARALLEL_VOXELS = 4_000_000
 
 
 def _component_sizes(components: np.ndarray, count: int) -> np.ndarray:
@@ -81,22 +84,50 @@ def _remove_small_islands(labels: np.ndarray, min_mm3: float, voxel_mm3: float) 
             region[small[components]] = 0
 
 
+def _keep_largest_one(labels: np.ndarray, value: int, boxes: list[tuple[slice, ...] | None]) -> None:
+    box = boxes[value - 1]
+    region = labels[box]
+    mask = region == value
+    components, count = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
+    if count <= 1:
+        return
+    sizes = _component_sizes(components, count)
+    sizes[0] = 0
+    largest = int(np.argmax(sizes))
+    region[mask ^ (components == largest)] = 0
+    kept = ndimage.find_objects(components, max_label=largest)[largest - 1]
+    boxes[value - 1] = tuple(slice(outer.start + inner.start, outer.start + inner.stop) for outer, inner in zip(box, kept))
+
+
 def _keep_largest(labels: np.ndarray, values: list[int], boxes: list[tuple[slice, ...] | None]) -> None:
-    for value in values:
-        if value > len(boxes) or boxes[value - 1] is None:
-            continue
-        region = labels[boxes[value - 1]]
-        mask = region == value
-        components, count = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
-        if count <= 1:
-            continue
-        sizes = _component_sizes(components, count)
-        sizes[0] = 0
-        region[mask ^ (components == int(np.argmax(sizes)))] = 0
+    """Keep each label's largest component; ``boxes`` is updated to the kept component's box.
+
+    Labels are independent (each only turns its own voxels to 0, which no other label reads as
+    its own), and ``ndimage.label`` releases the GIL, so several labels run on parallel threads
+    (``MEDSEGAI_THREADS``, default: the usable cores) with the same result as one after another.
+    """
+    todo = [value for value in values if value <= len(boxes) and boxes[value - 1] is not None]
+    workers = min(len(todo), _thread_count())
+    big = sum(int(np.prod([s.stop - s.start for s in boxes[v - 1]])) for v in todo) > _PARALLEL_VOXELS
+    if workers <= 1 or not big:
+        for value in todo:
+            _keep_largest_one(labels, value, boxes)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(lambda value: _keep_largest_one(labels, value, boxes), todo))
+
+
+def _thread_count() -> int:
+    value = os.environ.get("MEDSEGAI_THREADS", "")
+    if value.strip().isdigit() and int(value) > 0:
+        return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _fill_holes(labels: np.ndarray, values: list[int], boxes: list[tuple[slice, ...] | None]) -> None:
-    """Boxes may be those from before ``_keep_largest``: any box holding the label gives the same holes."""
+    """Any box holding all of a label's voxels gives the same holes (regions not reaching its border)."""
     for value in values:
         if value > len(boxes) or boxes[value - 1] is None:
             continue

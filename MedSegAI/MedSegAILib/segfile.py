@@ -19,7 +19,7 @@ from .errors import MedSegAIInputError
 from .image import Volume
 from .imageio import atomic_output
 
-__all__ = ["write_segmentation", "read_segmentation_labels", "label_entries", "DEFAULT_TERMINOLOGY_CONTEXT"]
+__all__ = ["DEFAULT_TERMINOLOGY_CONTEXT", "label_entries", "read_segmentation_labels", "write_segmentation"]
 
 DEFAULT_TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 _ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
@@ -127,7 +127,13 @@ def write_segmentation(
         raise TypeError(f"labels must hold integers, got {labels.array.dtype}")
     entries = label_entries(labels_spec)
     values = {e["value"] for e in entries}
-    present = {int(v) for v in np.unique(labels.array)} - {0}
+    array = labels.array
+    low = int(array.min()) if array.size and array.dtype.kind == "i" else 0
+    top = int(array.max()) if array.size else 0
+    if low < 0 or not set(range(1, top + 1)) <= values:  # only then can a value be unnamed (np.unique is slow)
+        present = {int(v) for v in np.unique(array)} - {0}
+    else:
+        present = set()
     if present - values:
         raise ValueError(f"labels contain values {sorted(present - values)} that labels_spec does not name")
     dtype = np.uint8 if max(values | {0}) <= 255 else np.uint16

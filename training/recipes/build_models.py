@@ -2,7 +2,8 @@
 
     python training/recipes/build_models.py {ct-abdomen-organs,mr-brain-tumor,all} \
         [--shared ../shared/data] [--work build/models] [--dest MedSegAI/Resources/Models] \
-        [--skip-cv] [--epochs N] [--steps-per-epoch N] [--jobs N] [--resume]
+        [--skip-cv | --cv-only] [--epochs N] [--steps-per-epoch N] [--jobs N] [--resume]
+        [--recipe FILE]
 
 (``make models`` runs it with ``all``.) For each model id, with the recipe
 ``training/recipes/<id>.json``:
@@ -52,6 +53,32 @@ SHIPPED_FILES = ("model.json", "model.keras", "model.onnx", "NOTICE")
 # windows: about 3x less network time for the same labels. Cross-validation evaluates the fold
 # models with the same setting, so the reported figures are those of the shipped configuration.
 INFERENCE_PATCH = {"ct-abdomen-organs": [256, 256], "mr-brain-tumor": [256, 256]}
+TRAINING_DATA = {
+    "ct-abdomen-organs": (
+        "TotalSegmentator test reference files (shared data ct-abdomen/): patient 1 = example_ct_sm + "
+        "example_seg (non-contrast CT, 122x101x30 at 3 mm), patient 2 = example_ct_dicom + example_seg_dicom "
+        "(contrast-enhanced CT, 512x512x20 at 0.98x0.98x2 mm, no kidneys in the field of view); reference "
+        "labels are TotalSegmentator v2 outputs, not manual"
+    ),
+    "mr-brain-tumor": (
+        "TCIA Brain-Tumor-Progression (shared data mr-brain-tumor/): PGBM-001 (2 studies, one DICOM), "
+        "PGBM-003 (2 studies), PGBM-006 (1 study; its study without T1post/FLAIR is not used); series "
+        "T1post, T1prereg, FLAIR (registered), reference MaskTumor (manual)"
+    ),
+}
+CV_CAVEATS = {
+    "ct-abdomen-organs": (
+        "two patients only. Fold 0 trains on the contrast-enhanced patient, whose field of view has no "
+        "kidneys, so it cannot learn the kidneys (Dice 0 on the held-out patient); fold 1's held-out patient "
+        "has no kidneys (Dice undefined, false-positive volumes listed per case). The kidney figures therefore "
+        "say nothing about the final model, which learned the kidneys from patient 1. The two patients differ "
+        "in contrast phase (aorta 43 vs 151 HU), which the aorta/stomach figures reflect."
+    ),
+    "mr-brain-tumor": (
+        "three patients only (5 studies); each fold trains on two patients. Post-processing (largest "
+        "component, min island 100 mm3) was fixed before the cross-validation."
+    ),
+}
 
 
 def _medsegai(*args: str) -> None:
@@ -246,10 +273,10 @@ def ship(model_id: str, trained: Path, dest_root: Path, recipe: dict[str, Any], 
         validation["note"] = "final model: validation cases are the training cases (no independent data left)"
         metrics["training_fit"] = validation
     if cv is not None:
-        metrics["cross_validation"] = cv
+        metrics["cross_validation"] = dict(cv, caveats=CV_CAVEATS.get(model_id, ""))
     provenance = card.setdefault("provenance", {})
     provenance.update({
-        "training_data": recipe.get("description", ""),
+        "training_data": TRAINING_DATA.get(model_id, recipe.get("description", "")),
         "data_license": recipe.get("license", ""),
         "citation": recipe.get("citation", ""),
         "reproduce": command,
@@ -282,8 +309,9 @@ def ship(model_id: str, trained: Path, dest_root: Path, recipe: dict[str, Any], 
 
 
 def build_model(model_id: str, shared: Path, work_root: Path, dest_root: Path, skip_cv: bool,
-                overrides: dict[str, Any], jobs: int = 1, resume: bool = False) -> Path:
-    recipe = _recipe(model_id)
+                overrides: dict[str, Any], jobs: int = 1, resume: bool = False,
+                recipe_path: Path | None = None, cv_only: bool = False) -> Path | None:
+    recipe = json.loads(Path(recipe_path).read_text(encoding="utf-8")) if recipe_path else _recipe(model_id)
     work = work_root / model_id
     if not resume:
         shutil.rmtree(work, ignore_errors=True)
@@ -294,11 +322,15 @@ def build_model(model_id: str, shared: Path, work_root: Path, dest_root: Path, s
         build_dataset(model_id, shared, dataset)
     print(f"{model_id}: dataset {dataset}", flush=True)
     runs = _train_commands(model_id, dataset, recipe, work, overrides, not skip_cv)
+    if cv_only:
+        runs = runs[:-1]
     seconds = run_trainings(runs, jobs, model_id)
     cv = None if skip_cv else cross_validate(model_id, dataset, recipe, work, seconds)
     if cv is not None:
         _write_json(work / "cv_results.json", cv)
         print_table(model_id, cv)
+    if cv_only:
+        return None
     command = f"python training/recipes/build_models.py {model_id}"
     for key, value in overrides.items():
         command += f" --{key.replace('_', '-')} {value}"
@@ -333,10 +365,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="trainings run at the same time (folds and final model are independent)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the work folder and skip trainings/evaluations already finished there")
+    parser.add_argument("--recipe", type=Path, default=None,
+                        help="use this recipe instead of training/recipes/<id>.json (experiments)")
+    parser.add_argument("--cv-only", action="store_true", help="cross-validate only; train and ship no final model")
     args = parser.parse_args(argv)
+    if args.recipe is not None and args.model == "all":
+        parser.error("--recipe needs one model id, not 'all'")
+    if args.skip_cv and args.cv_only:
+        parser.error("--skip-cv and --cv-only exclude each other")
     overrides = {k: v for k, v in (("epochs", args.epochs), ("steps_per_epoch", args.steps_per_epoch)) if v is not None}
     for model_id in MODEL_IDS if args.model == "all" else (args.model,):
-        build_model(model_id, args.shared, args.work, args.dest, args.skip_cv, overrides, args.jobs, args.resume)
+        build_model(model_id, args.shared, args.work, args.dest, args.skip_cv, overrides, args.jobs, args.resume,
+                    args.recipe, args.cv_only)
     return 0
 
 
