@@ -86,10 +86,12 @@ def test_flipped_oblique_and_permuted_inputs_keep_their_grid(mode, request, ct_s
         np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), expected_mask(image), err_msg=path.name)
 
 
-def test_dicom_series_larger_than_patch(analytic_model_dir, ct_dicom_dir, tmp_path) -> None:
-    """512x512 slices with a 64x64 patch: 2D sliding windows inside each slice."""
+@pytest.mark.parametrize("mode", ["2d", "3d"])
+def test_dicom_series_larger_than_patch(mode, request, ct_dicom_dir, tmp_path) -> None:
+    """512x512 slices with a 64x64 (2D) or 16x48x48 (3D) patch: sliding windows inside each slice."""
+    model = request.getfixturevalue("analytic_model_dir" if mode == "2d" else "analytic_model_3d_dir")
     output = tmp_path / "dicom.seg.nrrd"
-    assert main(["segment", str(ct_dicom_dir), "-o", str(output), "--model", str(analytic_model_dir),
+    assert main(["segment", str(ct_dicom_dir), "-o", str(output), "--model", str(model),
                  "--progress", "none"]) == 0
     import slicerio
 

@@ -357,3 +357,27 @@ def test_epoch_bar_reporter_prints_one_line_per_epoch() -> None:
     assert len(lines) == 2
     assert lines[0].startswith("epoch    1/4    [##........]") and "val dice 0.1000" in lines[0]
     assert lines[1].startswith("epoch    2/4    [#####.....]")
+
+
+@pytest.mark.slow
+def test_segment_gives_the_same_dice_as_evaluate(
+    trained: tuple[Path, str], brain_dataset: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    """`medsegai segment` on a held-out study reproduces the Dice that `medsegai evaluate` reports."""
+    output, _ = trained
+    root, owners = brain_dataset
+    case_id = sorted(c for c, p in owners.items() if p == "PGBM-001")[0]
+    report = tmp_path / "report"
+    assert cli.main(["evaluate", "--model", str(output), str(root), "--cases", case_id, "-o", str(report)]) == 0
+    with open(report / "metrics.csv", newline="") as f:
+        evaluated = float(next(r for r in csv.DictReader(f) if r["case"] == case_id and r["label"] == "tumor")["dice"])
+
+    case = load_dataset(root).case(case_id)
+    result = tmp_path / "tumor.nrrd"
+    assert cli.main(["segment", str(case.images[0]), "-o", str(result), "--model", str(output),
+                     "--progress", "none"]) == 0
+    predicted = np.asarray(read_volume(result).array) == 1
+    truth = np.asarray(read_volume(case.label).array) == 1
+    dice = 2 * np.logical_and(predicted, truth).sum() / (predicted.sum() + truth.sum())
+    assert evaluated > 0.1
+    assert dice == pytest.approx(evaluated, abs=1e-5)
