@@ -258,6 +258,7 @@ def _geometric(image: Any, label: Any, cfg: dict[str, Any], seeds: Any, nd: int)
     size_f = tf.cast(size, tf.float32)
     center = (size_f - 1.0) / 2.0
     matrix = tf.eye(nd)
+    resample = tf.constant(False)  # True once an operation needing interpolation is drawn
 
     flip = cfg["flip"]
     if flip["enabled"]:
@@ -270,6 +271,9 @@ def _geometric(image: Any, label: Any, cfg: dict[str, Any], seeds: Any, nd: int)
             else:
                 signs.append(tf.constant(1.0))
         matrix = tf.linalg.diag(tf.stack(signs)) @ matrix
+        flip_signs = tf.stack(signs)
+    else:
+        flip_signs = tf.ones([nd])
 
     rotate = cfg["rotate"]
     if rotate["enabled"]:
@@ -277,6 +281,7 @@ def _geometric(image: Any, label: Any, cfg: dict[str, Any], seeds: Any, nd: int)
         if nd == 3 and rotate["max_degrees_out_of_plane"] > 0:
             plane_axes += [(0, 1, rotate["max_degrees_out_of_plane"]), (0, 2, rotate["max_degrees_out_of_plane"])]
         do = _apply(rotate["probability"], seeds[1])
+        resample = tf.logical_or(resample, do)
         for index, (a, b, degrees) in enumerate(plane_axes):
             limit = math.radians(degrees)
             angle = tf.random.stateless_uniform(
@@ -290,23 +295,54 @@ def _geometric(image: Any, label: Any, cfg: dict[str, Any], seeds: Any, nd: int)
         low, high = scale["range"]
         factor = tf.random.stateless_uniform([], seed=seeds[3], minval=low, maxval=high) if high > low \
             else tf.constant(low)
-        factor = tf.where(_apply(scale["probability"], seeds[4]), factor, 1.0)
+        do = _apply(scale["probability"], seeds[4])
+        resample = tf.logical_or(resample, do)
+        factor = tf.where(do, factor, 1.0)
         matrix = matrix / factor
 
     offset = tf.zeros([nd])
     shift = cfg["shift"]
     if shift["enabled"] and shift["max_fraction"] > 0:
         fraction = tf.random.stateless_uniform([nd], seed=seeds[5], minval=-1.0, maxval=1.0) * shift["max_fraction"]
-        offset = tf.where(_apply(shift["probability"], seeds[6]), fraction * size_f, tf.zeros([nd]))
+        do = _apply(shift["probability"], seeds[6])
+        resample = tf.logical_or(resample, do)
+        offset = tf.where(do, fraction * size_f, tf.zeros([nd]))
+
+    elastic = cfg["elastic"]
+    use_elastic = elastic["enabled"] and elastic["magnitude_voxels"] > 0
+    if use_elastic:
+        elastic_do = _apply(elastic["probability"], seeds[8])
+        resample = tf.logical_or(resample, elastic_do)
+
+    def interpolate() -> tuple[Any, Any]:
+        return _resample(image, label, matrix, center, offset, size, size_f, nd,
+                         (elastic, seeds[7], elastic_do) if use_elastic else None)
+
+    def mirror_only() -> tuple[Any, Any]:
+        # Flips alone move whole voxels: reversing the axes gives exactly what resampling would.
+        out_image, out_label = image, label
+        for axis in range(nd):
+            flipped = flip_signs[axis] < 0
+            out_image = tf.cond(flipped, lambda x=out_image, a=axis: tf.reverse(x, [a]), lambda x=out_image: x)
+            out_label = tf.cond(flipped, lambda x=out_label, a=axis: tf.reverse(x, [a]), lambda x=out_label: x)
+        return out_image, out_label
+
+    return tf.cond(resample, interpolate, mirror_only)
+
+
+def _resample(image: Any, label: Any, matrix: Any, center: Any, offset: Any, size: Any, size_f: Any, nd: int,
+              elastic: tuple[dict[str, Any], Any, Any] | None) -> tuple[Any, Any]:
+    """Resample image (linear) and label (nearest) at ``matrix @ (x - center) + center + offset``."""
+    import tensorflow as tf
 
     grids = tf.meshgrid(*[tf.range(size[i], dtype=tf.float32) for i in range(nd)], indexing="ij")
     coords = tf.reshape(tf.stack(grids, axis=-1), [-1, nd])
     source = tf.linalg.matvec(matrix, coords - center) + center + offset
 
-    elastic = cfg["elastic"]
-    if elastic["enabled"] and elastic["magnitude_voxels"] > 0:
-        field = _displacement_field(size, elastic, seeds[7], nd)
-        field = tf.where(_apply(elastic["probability"], seeds[8]), field, tf.zeros_like(field))
+    if elastic is not None:
+        elastic_config, field_seed, elastic_do = elastic
+        field = _displacement_field(size, elastic_config, field_seed, nd)
+        field = tf.where(elastic_do, field, tf.zeros_like(field))
         source = source + tf.reshape(field, [-1, nd])
 
     upper = size_f - 1.0
