@@ -48,7 +48,7 @@ def run_demo(output_dir: str | Path, model: str | None = None) -> dict[str, Path
         progress=make_reporter(None),
     )
     image = read_volume(sample)
-    render_preview(image, result.labels, [label.to_dict() for label in result.card.labels], paths["preview"])
+    render_preview(image, result.labels, [label.to_dict() for label in result.card.labels], paths["preview"], overwrite=True)
     print(f"model: {result.card.name} ({result.card.id} {result.card.version}, backend {result.backend})")
     timing = ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in result.timings.items())
     print(f"time: {timing}")

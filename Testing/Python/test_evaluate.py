@@ -180,6 +180,24 @@ def test_evaluate_with_real_pipeline(tmp_path: Path, ct_small: Path, analytic_mo
     assert report["model"]["version"] == "1.0.0"
 
 
+def test_evaluate_picks_the_model_channels_by_name(tmp_path: Path, ct_small: Path, analytic_model_dir: Path) -> None:
+    """A 1-channel model on a 2-channel dataset gets its own channel (by name), whatever the order."""
+    from analytic_models import THRESHOLD_HU
+
+    image = read_volume(ct_small)
+    decoy = image.with_array(np.full_like(image.array, 2000))  # would label everything as bone
+    bone = image.with_array((image.array > THRESHOLD_HU).astype(np.uint8))
+    root = tmp_path / "two-channel"
+    ds.add_case(root, [decoy, image], bone, ["PET", "CT"], {"bone": 1}, patient_key="p")
+    report = evaluate_model(analytic_model_dir, root, None, tmp_path / "report", backend="onnx", device="cpu")
+    assert report["cases"][0]["labels"][0]["dice"] == 1.0
+
+    other = tmp_path / "no-ct"
+    ds.add_case(other, [image], bone, ["MR"], {"bone": 1}, patient_key="p")
+    with pytest.raises(MedSegAIInputError, match="needs channel\\(s\\) CT"):
+        evaluate_model(analytic_model_dir, other, None, tmp_path / "report2", backend="onnx", device="cpu")
+
+
 def test_best_and_worst_case_selection(tmp_path: Path, liver_dataset: tuple[Path, Volume, Volume]) -> None:
     root, image, label = liver_dataset
     ds.add_case(root, [image], label, ["CT"], {"liver": 1}, patient_key="c")

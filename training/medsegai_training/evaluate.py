@@ -320,6 +320,7 @@ def evaluate_model(
         if progress is not None:
             progress("evaluate", done, len(selected), case.id)
         images, reference = read_case(info, case)
+        images = _model_channels(images, info.channels, model)
         prediction, card = segment_fn(images, model, backend=backend, device=device)
         label_map = _card_label_map(card)
         if label_map is not None and not (set(label_map) - {"background"}) & set(info.foreground_labels):
@@ -382,6 +383,22 @@ def evaluate_model(
     _write_overlay_png(report_path / "best_worst.png", panels, info.labels, label_map)
     json_ready["files"] = {name: str(report_path / name) for name in ("metrics.csv", "metrics.json", "best_worst.png")}
     return json_ready
+
+
+def _model_channels(images: list[Volume], dataset_channels: Sequence[str], model: Any) -> list[Volume]:
+    """The dataset's channels that the model takes, in the model's order (matched by name)."""
+    from MedSegAILib.modelcard import ModelCard
+
+    if not isinstance(model, ModelCard):
+        return images
+    by_name = dict(zip(dataset_channels, images))
+    missing = [name for name in model.channel_names if name not in by_name]
+    if missing:
+        raise MedSegAIInputError(
+            f"model '{model.id}' needs channel(s) {', '.join(missing)} that the dataset does not have "
+            f"(dataset channels: {', '.join(dataset_channels)}); evaluate on a dataset with those channels."
+        )
+    return [by_name[name] for name in model.channel_names]
 
 
 def _segmenter(segment_fn: SegmentFn | None, model: Any, backend: str, device: str) -> tuple[SegmentFn, Any]:
