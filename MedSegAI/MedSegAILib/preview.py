@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MedSegAIInputError
-from .image import Volume
+from .image import Volume, present_values
 
 __all__ = ["render_preview", "canonical_lps_array"]
 
@@ -188,10 +188,10 @@ def render_preview(
     grey, spacing = canonical_lps_array(image)
     labelmap, _ = canonical_lps_array(labels)
     low, high = _display_window(grey, window)
+    present = present_values(np.asarray(labelmap)) - {0}
     colors = {value: rgb for value, _, rgb in entries}
-    for value in np.unique(labelmap):
-        if value != 0 and int(value) not in colors:
-            colors[int(value)] = (0.6, 0.6, 0.6)
+    for value in present - set(colors):
+        colors[value] = (0.6, 0.6, 0.6)
     cz, cy, cx = _slice_centre(labelmap)
     sx, sy, sz = spacing
     # (title, grey slice, label slice, pixel aspect = row spacing / column spacing)
@@ -219,7 +219,6 @@ def render_preview(
     axes[1].text(0.97, 0.5, "L", color="yellow", transform=axes[1].transAxes, va="center")
     axes[2].text(0.01, 0.5, "A", color="yellow", transform=axes[2].transAxes, va="center")
     axes[2].text(0.97, 0.5, "P", color="yellow", transform=axes[2].transAxes, va="center")
-    present = set(int(v) for v in np.unique(labelmap)) - {0}
     names = {value: name for value, name, _ in entries}
     handles = [
         Patch(facecolor=colors[value], edgecolor="black", label=names.get(value, f"label {value}"))

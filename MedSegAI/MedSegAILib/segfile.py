@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MedSegAIInputError
-from .image import Volume
+from .image import Volume, present_values
 from .imageio import atomic_output
 
 __all__ = ["DEFAULT_TERMINOLOGY_CONTEXT", "label_entries", "read_segmentation_labels", "write_segmentation"]
@@ -131,7 +131,7 @@ def write_segmentation(
     low = int(array.min()) if array.size and array.dtype.kind == "i" else 0
     top = int(array.max()) if array.size else 0
     if low < 0 or not set(range(1, top + 1)) <= values:  # only then can a value be unnamed (np.unique is slow)
-        present = {int(v) for v in np.unique(array)} - {0}
+        present = present_values(array) - {0}
     else:
         present = set()
     if present - values:
