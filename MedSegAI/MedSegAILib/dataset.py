@@ -41,7 +41,6 @@ import json
 import os
 import re
 import secrets
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -49,6 +48,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .errors import MedSegAIInputError
+from .filelock import exclusive_lock
 from .image import Volume, present_values
 
 __all__ = [
@@ -74,7 +74,6 @@ DATASET_JSON = "dataset.json"
 IMAGES_DIR = "images"
 LABELS_DIR = "labels"
 _LOCK_NAME = ".medsegai-dataset.lock"
-_LOCK_STALE_S = 3600.0
 _LOCK_WAIT_S = 120.0
 _CASE_ID_RE = re.compile(r"^case_(\d{4,})$")
 _CASE_FILE_RE = re.compile(r"^(case_\d{4,})(?:_\d{4})?\.")
@@ -433,53 +432,15 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
             os.fsync(handle.fileno())
 
 
-def _lock_is_stale(lock: Path) -> bool:
-    """A lock is stale when its process is gone (same machine) or it is older than an hour."""
-    try:
-        age = time.time() - lock.stat().st_mtime
-        pid = int(lock.read_text(encoding="ascii").strip() or "0")
-    except (OSError, ValueError):
-        return False
-    if age > _LOCK_STALE_S:
-        return True
-    if pid > 0 and age > 1.0:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except OSError:
-            return False
-    return False
-
-
 @contextlib.contextmanager
 def _dataset_lock(root: Path) -> Iterator[None]:
-    """Exclusive lock file so that two exports never pick the same case id or lose an entry."""
+    """Exclusive lock so that two exports never pick the same case id or lose an entry."""
     lock = root / _LOCK_NAME
-    deadline = time.monotonic() + _LOCK_WAIT_S
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if _lock_is_stale(lock):
-                with contextlib.suppress(FileNotFoundError):
-                    lock.unlink()
-                continue
-            if time.monotonic() > deadline:
-                raise MedSegAIInputError(
-                    f"Dataset {root} is locked by another export ({lock}); wait for it to finish "
-                    f"or delete the lock file if no export is running."
-                ) from None
-            time.sleep(0.05)
-            continue
-        with os.fdopen(fd, "w", encoding="ascii") as handle:
-            handle.write(str(os.getpid()))
-        break
-    try:
+    message = (
+        f"Dataset {root} is busy with another export ({lock}); wait for it to finish and try again."
+    )
+    with exclusive_lock(lock, _LOCK_WAIT_S, message):
         yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            lock.unlink()
 
 
 def _read_json(root: Path) -> dict[str, Any]:

@@ -310,3 +310,37 @@ def test_concurrent_exports_get_distinct_cases(tmp_path: Path, ct_case: tuple[Vo
     assert sorted(c.id for c in cases) == sorted(ids) and len({c.patient for c in cases}) == 3
     assert not lock.exists()
     assert ds.check_dataset(root).ok
+
+
+def test_export_waits_for_a_live_lock_then_says_busy(tmp_path: Path, ct_case: tuple[Volume, Volume], monkeypatch) -> None:
+    import subprocess
+    import sys
+
+    image, label = ct_case
+    root = tmp_path / "ds"
+    ds.create_dataset(root, ["CT"], LABELS)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from MedSegAILib.filelock import exclusive_lock\n"
+            "with exclusive_lock(sys.argv[1], 5, 'busy'):\n"
+            "    print('held', flush=True)\n"
+            "    sys.stdin.readline()\n",
+            str(root / ".medsegai-dataset.lock"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(ds, "_LOCK_WAIT_S", 0.3)
+        with pytest.raises(MedSegAIInputError, match="busy with another export"):
+            ds.add_case(root, [image], label, ["CT"], LABELS, patient_key="p0")
+        assert ds.load_dataset(root).cases == []
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert holder.returncode == 0
+    assert ds.add_case(root, [image], label, ["CT"], LABELS, patient_key="p0") == "case_0001"
