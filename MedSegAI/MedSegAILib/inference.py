@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.ndimage import find_objects
 
 from .errors import CancelledError, MedSegAIInputError
 from .image import Volume
-from .postprocessing import postprocess
+from .postprocessing import postprocess_in_place
 from .preprocessing import (
     intensity_statistics,
     linear_weights,
@@ -182,6 +183,35 @@ class _Clock:
             self.seconds["model"] += time.perf_counter() - start
 
 
+class _Background:
+    """One worker thread running one task at a time, in order; errors surface in ``wait``."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medsegai-map")
+        self._pending: Any = None
+
+    def submit(self, task: Callable[..., None], *args: Any) -> None:
+        """Wait for the previous task (at most one queued: bounded memory), then start ``task``."""
+        self.wait()
+        self._pending = self._pool.submit(task, *args)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> _Background:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+        self._pool.shutdown(wait=True)
+
+
 class _RowMapper:
     """Maps streamed probability rows (model grid) to labels on the input grid, a few rows at a time.
 
@@ -205,6 +235,11 @@ class _RowMapper:
         self.next_source = 0
         self.buffer: np.ndarray | None = None
         self.buffer_start = 0
+        self.seconds = 0.0
+        # per label value - 1: [min, max) of each axis of ``out`` over the labels written so far
+        self.extent = np.zeros((max(0, classes - 1), 3, 2), dtype=np.int64)
+        self.extent[:, :, 0] = np.iinfo(np.int64).max
+        self.extent[:, :, 1] = np.iinfo(np.int64).min
 
     def _chunk_rows(self) -> int:
         source = self.buffer.shape[1] * self.buffer.shape[2] if self.buffer is not None else 1
@@ -220,11 +255,15 @@ class _RowMapper:
             self.buffer, self.buffer_start = rows, first
         else:
             self.buffer = np.concatenate([self.buffer, rows], axis=0)
+        started = time.perf_counter()
         ready = int(np.searchsorted(self.i1, self.next_source, side="left"))  # outputs whose sources all arrived
         step = self._chunk_rows()
         for start in range(self.next_row, ready, step):
             stop = min(start + step, ready)
-            self.out[start:stop] = self._labels(start, stop)
+            labels = self._labels(start, stop)
+            self.out[start:stop] = labels
+            self._grow_extent(labels, start)
+            del labels
         self.next_row = max(self.next_row, ready)
         if self.next_row < len(self.i0):
             keep = int(self.i0[self.next_row]) - self.buffer_start
@@ -233,6 +272,30 @@ class _RowMapper:
                 self.buffer_start += keep
         else:
             self.buffer = None
+        self.seconds += time.perf_counter() - started
+
+    def _grow_extent(self, labels: np.ndarray, offset: int) -> None:
+        for index, box in enumerate(find_objects(labels, max_label=len(self.extent))):
+            if box is not None:
+                low = [s.start for s in box]
+                high = [s.stop for s in box]
+                low[0] += offset
+                high[0] += offset
+                np.minimum(self.extent[index, :, 0], low, out=self.extent[index, :, 0])
+                np.maximum(self.extent[index, :, 1], high, out=self.extent[index, :, 1])
+
+    def boxes(self, axes: Sequence[int] = (0, 1, 2)) -> list[tuple[slice, ...] | None]:
+        """``find_objects`` of everything written, for the array whose axis ``axes[i]`` is ``out``'s axis ``i``."""
+        result: list[tuple[slice, ...] | None] = []
+        for extent in self.extent:
+            if extent[0, 0] > extent[0, 1]:
+                result.append(None)
+                continue
+            box: list[slice] = [slice(0)] * 3
+            for axis, (low, high) in zip(axes, extent):
+                box[axis] = slice(int(low), int(high))
+            result.append(tuple(box))
+        return result
 
     def _labels(self, start: int, stop: int) -> np.ndarray:
         if self.identity_rows:
@@ -299,7 +362,7 @@ def _segment_2d(
     batch_size: int,
     progress: ProgressFn | None,
     should_cancel: Callable[[], bool] | None,
-) -> None:
+) -> list[tuple[slice, ...] | None]:
     spatial = card.spatial
     axis = _SLICING_AXIS.get(getattr(spatial, "axis", None) or "axial")
     if axis is None:
@@ -317,12 +380,41 @@ def _segment_2d(
         raise ValueError(f"a 2d model needs a (y, x) patch_size, got {patch}")
     channels, classes = len(views), int(card.num_classes)
     per_slice = len(window_grid(plane, patch, options.overlap))
-    total_windows = count * per_slice
     slice_bytes = 4 * (plane[0] * plane[1] * (classes + 2 * channels) + rows * cols * (classes + channels))
     slab_size = max(STREAM_BUDGET_BYTES // slice_bytes, math.ceil(batch_size / per_slice), 1)
     slab_size = min(count, slab_size)
     mapper = _RowMapper(count, out_slices, decide, classes)
+    with _Background() as background:
+        _stream_slabs(
+            slabs, mapper, background, plane, patch, slab_size, specs, stats, clock, options, batch_size,
+            int(getattr(spatial, "divisible_by", 1) or 1), per_slice, progress, should_cancel,
+        )
+    mapper.check_complete()
+    clock.seconds["stitch"] += mapper.seconds
+    return mapper.boxes([axis] + [a for a in range(3) if a != axis])
 
+
+def _stream_slabs(
+    slabs: list[np.ndarray],
+    mapper: _RowMapper,
+    background: _Background,
+    plane: tuple[int, ...],
+    patch: tuple[int, ...],
+    slab_size: int,
+    specs: list[Mapping[str, Any]],
+    stats: list[dict[str, float]],
+    clock: _Clock,
+    options: SegmentOptions,
+    batch_size: int,
+    divisible_by: int,
+    per_slice: int,
+    progress: ProgressFn | None,
+    should_cancel: Callable[[], bool] | None,
+) -> None:
+    """Preprocess and predict slab after slab; each slab's mapping back runs on ``background``
+    while the next one is predicted (numpy and ONNX Runtime release the GIL)."""
+    count, channels, classes = slabs[0].shape[0], len(slabs), mapper.classes
+    total_windows = count * per_slice
     done = 0
     for first in range(0, count, slab_size):
         _check_cancel(should_cancel)
@@ -343,17 +435,17 @@ def _segment_2d(
             options.overlap,
             batch_size,
             tta=options.tta,
-            divisible_by=int(getattr(spatial, "divisible_by", 1) or 1),
+            divisible_by=divisible_by,
             num_classes=classes,
             progress=lambda d, t, offset=done: _report(progress, "model", offset + d, total_windows),
             should_cancel=should_cancel,
         )
         del batch
-        mapper.push(first, probabilities)
+        clock.seconds["stitch"] += time.perf_counter() - start - (clock.seconds["model"] - model_before)
+        background.submit(mapper.push, first, probabilities)
         del probabilities
         done += (last - first) * per_slice
-        clock.seconds["stitch"] += time.perf_counter() - start - (clock.seconds["model"] - model_before)
-    mapper.check_complete()
+    background.wait()
 
 
 def _segment_3d(
@@ -369,7 +461,7 @@ def _segment_3d(
     batch_size: int,
     progress: ProgressFn | None,
     should_cancel: Callable[[], bool] | None,
-) -> None:
+) -> list[tuple[slice, ...] | None]:
     spatial = card.spatial
     patch = tuple(int(p) for p in spatial.patch_size)
     if len(patch) != 3:
@@ -410,6 +502,7 @@ def _segment_3d(
     )
     mapper.check_complete()
     clock.seconds["stitch"] += time.perf_counter() - start - (clock.seconds["model"] - model_before)
+    return mapper.boxes()
 
 
 def segment_volumes(
@@ -473,14 +566,14 @@ def segment_volumes(
         _report(progress, "preprocess", len(volumes), len(volumes))
 
     segment = _segment_2d if mode == "2d" else _segment_3d
-    segment(views, labels_view, spacing_zyx, card, specs, stats, decide, clock, options, batch_size, progress, should_cancel)
+    boxes = segment(views, labels_view, spacing_zyx, card, specs, stats, decide, clock, options, batch_size, progress, should_cancel)
     _report(progress, "stitch", 1, 1)
 
     _check_cancel(should_cancel)
     start = time.perf_counter()
     _report(progress, "postprocess", 0, 1)
     names = {int(label.value): label.name for label in card.labels}
-    labels = postprocess(labels, first.spacing, config, names)
+    postprocess_in_place(labels_view, spacing_zyx, config, names, boxes=boxes)
     clock.seconds["postprocess"] += time.perf_counter() - start
     _report(progress, "postprocess", 1, 1)
     if timings is not None:

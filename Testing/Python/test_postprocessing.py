@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.postprocessing import postprocess
+from MedSegAILib.postprocessing import _largest_component, postprocess, postprocess_in_place
 from scipy import ndimage
 
 SPACING = (3.0, 3.0, 3.0)  # example_seg.nii.gz voxel size: 27 mm³ per voxel
@@ -125,3 +127,56 @@ def test_empty_config_changes_nothing_and_bad_options_are_reported(labels, names
         postprocess(labels.astype(np.int32), SPACING, {}, names)
     with pytest.raises(ValueError, match="spacing"):
         postprocess(labels, (3.0, 0.0, 3.0), {}, names)
+
+
+def _reference_largest(mask: np.ndarray) -> np.ndarray:
+    """The plain definition: label the whole mask, keep the biggest (first in C order on ties)."""
+    components, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return mask.copy()
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    return components == np.argmax(sizes)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.tuples(st.integers(1, 11), st.integers(1, 11), st.integers(1, 11)),
+    density=st.floats(0.02, 0.6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_block_screened_largest_component_equals_plain_labelling(shape, density, seed) -> None:
+    mask = np.random.default_rng(seed).random(shape) < density
+    found = _largest_component(mask)
+    reference = _reference_largest(mask)
+    if not mask.any():
+        assert found is None
+        return
+    box, component, size = found
+    result = np.zeros(shape, dtype=bool)
+    result[box] = component
+    np.testing.assert_array_equal(result, reference)
+    assert size == int(reference.sum())
+
+
+def test_largest_component_ties_keep_the_first_in_c_order() -> None:
+    mask = np.zeros((4, 6, 6), dtype=bool)
+    mask[3, 4:6, 4:6] = True  # 4 voxels, last in C order
+    mask[0, 0:2, 0:2] = True  # 4 voxels, first in C order
+    mask[1, 0, 5] = True
+    box, component, size = _largest_component(mask)
+    result = np.zeros(mask.shape, dtype=bool)
+    result[box] = component
+    assert size == 4 and result[0, 0:2, 0:2].all() and result.sum() == 4
+
+
+def test_in_place_on_a_reoriented_view_equals_postprocess(labels, names) -> None:
+    config = {"largest_component": True, "fill_holes": ["liver", "spleen"]}
+    expected = postprocess(labels, SPACING, config, names)
+    work = np.ascontiguousarray(labels.transpose(2, 0, 1)[::-1, :, ::-1])
+    view = work[::-1, :, ::-1].transpose(1, 2, 0)  # the original layout, as a strided view
+    postprocess_in_place(view, SPACING, config, names, boxes=ndimage.find_objects(view))
+    np.testing.assert_array_equal(view, expected)
+    flipped = labels[::-1, ::-1].copy()
+    postprocess_in_place(flipped, SPACING, config, names)
+    np.testing.assert_array_equal(flipped[::-1, ::-1], expected)
