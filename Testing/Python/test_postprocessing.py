@@ -10,7 +10,11 @@ import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.postprocessing import _largest_component, postprocess, postprocess_in_place
+from MedSegAILib.postprocessing import (
+    _largest_component,
+    postprocess,
+    postprocess_in_place,
+)
 from scipy import ndimage
 
 SPACING = (3.0, 3.0, 3.0)  # example_seg.nii.gz voxel size: 27 mm³ per voxel
