@@ -192,15 +192,15 @@ class _Background:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medsegai-map")
         self._pending: Any = None
 
-    def submit(self, task: Callable[..., None], *args: Any) -> None:
+    def submit(self, task: Callable[..., Any], *args: Any) -> None:
         """Wait for the previous task (at most one queued: bounded memory), then start ``task``."""
         self.wait()
         self._pending = self._pool.submit(task, *args)
 
-    def wait(self) -> None:
+    def wait(self) -> Any:
+        """The running task's result (None when there is none)."""
         pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        return None if pending is None else pending.result()
 
     def __enter__(self) -> _Background:
         return self
@@ -384,68 +384,80 @@ def _segment_2d(
     slab_size = max(STREAM_BUDGET_BYTES // slice_bytes, math.ceil(batch_size / per_slice), 1)
     slab_size = min(count, slab_size)
     mapper = _RowMapper(count, out_slices, decide, classes)
-    with _Background() as background:
-        _stream_slabs(
-            slabs, mapper, background, plane, patch, slab_size, specs, stats, clock, options, batch_size,
-            int(getattr(spatial, "divisible_by", 1) or 1), per_slice, progress, should_cancel,
-        )
+    divisible_by = int(getattr(spatial, "divisible_by", 1) or 1)
+    _SlabStream(
+        slabs, mapper, plane, patch, slab_size, specs, stats, clock, options, batch_size, divisible_by, per_slice,
+        progress, should_cancel,
+    ).run()
     mapper.check_complete()
     clock.seconds["stitch"] += mapper.seconds
     return mapper.boxes([axis] + [a for a in range(3) if a != axis])
 
 
-def _stream_slabs(
-    slabs: list[np.ndarray],
-    mapper: _RowMapper,
-    background: _Background,
-    plane: tuple[int, ...],
-    patch: tuple[int, ...],
-    slab_size: int,
-    specs: list[Mapping[str, Any]],
-    stats: list[dict[str, float]],
-    clock: _Clock,
-    options: SegmentOptions,
-    batch_size: int,
-    divisible_by: int,
-    per_slice: int,
-    progress: ProgressFn | None,
-    should_cancel: Callable[[], bool] | None,
-) -> None:
-    """Preprocess and predict slab after slab; each slab's mapping back runs on ``background``
-    while the next one is predicted (numpy and ONNX Runtime release the GIL)."""
-    count, channels, classes = slabs[0].shape[0], len(slabs), mapper.classes
-    total_windows = count * per_slice
-    done = 0
-    for first in range(0, count, slab_size):
-        _check_cancel(should_cancel)
-        last = min(count, first + slab_size)
-        start = time.perf_counter()
-        batch = np.empty((last - first,) + plane + (channels,), dtype=np.float32)
-        for c in range(channels):
-            normalised = normalize(slabs[c][first:last], specs[c], stats[c])
-            batch[..., c] = resample_axis_aligned(normalised, plane, order=1, axes=(1, 2))
-            del normalised
-        clock.seconds["preprocess"] += time.perf_counter() - start
+@dataclass
+class _SlabStream:
+    """The 2D loop: slabs of slices are preprocessed one ahead on a thread, predicted here, and
+    mapped back on another thread while the next slab is predicted (numpy, SciPy and ONNX Runtime
+    release the GIL), so the cores stay busy with the network."""
 
-        start, model_before = time.perf_counter(), clock.seconds["model"]
-        probabilities = sliding_window_2d(
-            batch,
-            clock.predict,
-            patch,
-            options.overlap,
-            batch_size,
-            tta=options.tta,
-            divisible_by=divisible_by,
-            num_classes=classes,
-            progress=lambda d, t, offset=done: _report(progress, "model", offset + d, total_windows),
-            should_cancel=should_cancel,
-        )
-        del batch
-        clock.seconds["stitch"] += time.perf_counter() - start - (clock.seconds["model"] - model_before)
-        background.submit(mapper.push, first, probabilities)
-        del probabilities
-        done += (last - first) * per_slice
-    background.wait()
+    slabs: list[np.ndarray]
+    mapper: _RowMapper
+    plane: tuple[int, ...]
+    patch: tuple[int, ...]
+    slab_size: int
+    specs: list[Mapping[str, Any]]
+    stats: list[dict[str, float]]
+    clock: _Clock
+    options: SegmentOptions
+    batch_size: int
+    divisible_by: int
+    per_slice: int
+    progress: ProgressFn | None
+    should_cancel: Callable[[], bool] | None
+
+    def prepare(self, first: int) -> tuple[np.ndarray, float]:
+        """Normalised, in-plane resampled ``(n, y, x, C)`` float32 batch of one slab, and its seconds."""
+        start = time.perf_counter()
+        last = min(len(self.slabs[0]), first + self.slab_size)
+        batch = np.empty((last - first,) + self.plane + (len(self.slabs),), dtype=np.float32)
+        for c, slab in enumerate(self.slabs):
+            normalised = normalize(slab[first:last], self.specs[c], self.stats[c])
+            batch[..., c] = resample_axis_aligned(normalised, self.plane, order=1, axes=(1, 2))
+            del normalised
+        return batch, time.perf_counter() - start
+
+    def run(self) -> None:
+        count = len(self.slabs[0])
+        total_windows = count * self.per_slice
+        firsts = list(range(0, count, self.slab_size))
+        with _Background() as prefetch, _Background() as mapping:
+            prefetch.submit(self.prepare, firsts[0])
+            for index, first in enumerate(firsts):
+                _check_cancel(self.should_cancel)
+                batch, seconds = prefetch.wait()
+                self.clock.seconds["preprocess"] += seconds
+                if index + 1 < len(firsts):
+                    prefetch.submit(self.prepare, firsts[index + 1])
+                done = first * self.per_slice
+                start, model_before = time.perf_counter(), self.clock.seconds["model"]
+                probabilities = sliding_window_2d(
+                    batch,
+                    self.clock.predict,
+                    self.patch,
+                    self.options.overlap,
+                    self.batch_size,
+                    tta=self.options.tta,
+                    divisible_by=self.divisible_by,
+                    num_classes=self.mapper.classes,
+                    progress=lambda d, t, offset=done: _report(self.progress, "model", offset + d, total_windows),
+                    should_cancel=self.should_cancel,
+                )
+                del batch
+                model_seconds = self.clock.seconds["model"] - model_before
+                self.clock.seconds["stitch"] += time.perf_counter() - start - model_seconds
+                mapping.submit(self.mapper.push, first, probabilities)
+                del probabilities
+            mapping.wait()
 
 
 def _segment_3d(
