@@ -5,7 +5,9 @@
 
 Stages: read, model_load, preprocess, model, stitch, postprocess, write (what the engine reports),
 then "model alone": the same network called on batches of exactly the shapes the engine used,
-with nothing else around it. Overhead = end-to-end (without model_load) / model alone.
+with nothing else around it. In 2D mode the engine preprocesses the next slab and maps the last
+one back on threads while the network runs, so preprocess and stitch overlap the model and the
+stage times add up to more than the end-to-end time; the overhead is what end-to-end shows. Overhead = end-to-end (without model_load) / model alone.
 ``--repeat N`` runs it N times in this process and quotes the median and the best (minimum) of
 every figure; the "best" overhead is best end-to-end / best model-alone (on a shared machine noise
 only adds time; also look at ``engine_cpu_s`` and the load average).
