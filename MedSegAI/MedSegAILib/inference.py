@@ -499,19 +499,21 @@ def _segment_3d(
     start, model_before = time.perf_counter(), clock.seconds["model"]
     mapper = _RowMapper(model_shape[0], out, decide, classes)
     total_windows = len(window_grid(model_shape, patch, options.overlap))
-    sliding_window_3d(
-        image,
-        clock.predict,
-        patch,
-        options.overlap,
-        batch_size,
-        tta=options.tta,
-        divisible_by=int(getattr(spatial, "divisible_by", 1) or 1),
-        num_classes=classes,
-        consumer=mapper.push,
-        progress=lambda d, t: _report(progress, "model", d, total_windows),
-        should_cancel=should_cancel,
-    )
+    with _Background() as mapping:  # finished rows are mapped back while the next windows run
+        sliding_window_3d(
+            image,
+            clock.predict,
+            patch,
+            options.overlap,
+            batch_size,
+            tta=options.tta,
+            divisible_by=int(getattr(spatial, "divisible_by", 1) or 1),
+            num_classes=classes,
+            consumer=lambda first, rows: mapping.submit(mapper.push, first, rows),
+            progress=lambda d, t: _report(progress, "model", d, total_windows),
+            should_cancel=should_cancel,
+        )
+        mapping.wait()
     mapper.check_complete()
     clock.seconds["stitch"] += time.perf_counter() - start - (clock.seconds["model"] - model_before)
     return mapper.boxes()
