@@ -12,7 +12,12 @@ Pipeline (memory bounded: never a float32 classes × volume array):
    sliding windows stream finished z rows, which are interpolated back to the input grid (z
    first, then in-plane) a few rows at a time and turned into labels.
 3. Labels are written through the canonical view of the output array, so the result is already
-   in the original layout; then post-processing (largest component, holes, islands).
+   in the original layout; each label's bounding box is gathered on the way. Then
+   post-processing (largest component, holes, islands) runs in place on that view.
+
+Threads: the network call releases the GIL, so preparing the next 2D slab and mapping finished
+probabilities back (2D and 3D) run on worker threads while the network computes; at most one
+task waits per thread, which keeps the memory bound.
 
 Layouts: volumes ``(z, y, x)``; network batches channels-last ``(N, y, x, C)`` (2D) or
 ``(N, z, y, x, C)`` (3D) returning ``(N, ..., K)`` probabilities with class index == label value.
