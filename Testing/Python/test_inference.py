@@ -282,3 +282,27 @@ def test_streamed_mapping_back_equals_whole_volume_interpolation() -> None:
     np.testing.assert_array_equal(out, expected)
     with pytest.raises(ValueError, match="in order"):
         _RowMapper(13, out, argmax_labels, 4).push(2, probabilities[2:4].copy())
+
+
+@pytest.mark.parametrize("failing", ["normalize", "upsample_argmax"], ids=["prefetch-thread", "mapping-thread"])
+def test_errors_on_worker_threads_reach_the_caller_and_leave_no_thread(ct: Volume, monkeypatch, failing: str) -> None:
+    import threading
+
+    monkeypatch.setattr(inference, "STREAM_BUDGET_BYTES", 256 * 1024)  # several slabs
+    original = getattr(inference, failing)
+    calls = {"n": 0}
+
+    def fails_on_third_call(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError(f"{failing} broke")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(inference, failing, fails_on_third_call)
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(RuntimeError, match=f"{failing} broke"):
+        segment_volumes([ct], make_card("2d", (32, 32)), threshold_network())
+    assert {t.name for t in threading.enumerate()} - before == set()
+    monkeypatch.setattr(inference, failing, original)
+    expected = (np.asarray(ct.array, dtype=np.float32) > THRESHOLD_HU).astype(np.uint8)
+    np.testing.assert_array_equal(segment_volumes([ct], make_card("2d", (32, 32)), threshold_network()).array, expected)
