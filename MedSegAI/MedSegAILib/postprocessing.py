@@ -108,14 +108,15 @@ def _largest_component(mask: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray,
     inside those that could still hold a bigger component than the best found.
 
     Returns:
-        ``(box, component, size)``: the component as a bool array over ``mask[box]``, and its
-        voxel count; None when ``mask`` is empty.
+        ``(box, component, size)``: the component as a bool array over ``mask[box]`` (a box that
+        holds it, not always the tightest), and its voxel count; None when ``mask`` is empty.
     """
     counts = _block_counts(mask)
     blocks, count = ndimage.label(counts, structure=_FULL_CONNECTIVITY)
     if count == 0:
         return None
-    bound = np.bincount(blocks.reshape(-1), weights=counts.reshape(-1), minlength=count + 1)[1:]
+    occupied = np.flatnonzero(counts)  # weighted bincount over the occupied blocks only (fast on sparse masks)
+    bound = np.bincount(blocks.reshape(-1)[occupied], weights=counts.reshape(-1)[occupied], minlength=count + 1)[1:]
     block_boxes = ndimage.find_objects(blocks)
     best: tuple[tuple[slice, ...], np.ndarray, int] | None = None
     best_first: tuple[int, ...] = ()
@@ -130,11 +131,13 @@ def _largest_component(mask: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray,
         inside = inside[tuple(slice(0, s.stop - s.start) for s in box)]
         inside &= mask[box]
         components, found = ndimage.label(inside, structure=_FULL_CONNECTIVITY)
-        sizes = _component_sizes(components, found)
-        sizes[0] = 0
-        largest = int(np.argmax(sizes))
-        size = int(sizes[largest])
-        component = components == largest
+        if found == 1:
+            size, component = int(bound[index]), inside
+        else:
+            sizes = _component_sizes(components, found)
+            sizes[0] = 0
+            largest = int(np.argmax(sizes))
+            size, component = int(sizes[largest]), components == largest
         first = tuple(int(i) + s.start for i, s in zip(np.unravel_index(int(np.argmax(component)), component.shape), box))
         if best is None or size > best[2] or (size == best[2] and first < best_first):
             best, best_first = (box, component, size), first
@@ -151,13 +154,10 @@ def _keep_largest_one(labels: np.ndarray, value: int, boxes: list[tuple[slice, .
     inner, component, size = found
     if size == int(np.count_nonzero(mask)):
         return
-    region[mask] = 0
-    region[inner][component] = value
-    kept = ndimage.find_objects(component.view(np.uint8))[0]
-    boxes[value - 1] = tuple(
-        slice(outer.start + mid.start + tight.start, outer.start + mid.start + tight.stop)
-        for outer, mid, tight in zip(box, inner, kept)
-    )
+    np.copyto(region, 0, where=mask)
+    np.copyto(region[inner], value, where=component)
+    # hole filling needs a box that holds the label, not the tightest one
+    boxes[value - 1] = tuple(slice(outer.start + mid.start, outer.start + mid.stop) for outer, mid in zip(box, inner))
 
 
 def _keep_largest(labels: np.ndarray, values: list[int], boxes: list[tuple[slice, ...] | None]) -> None:
