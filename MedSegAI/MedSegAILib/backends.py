@@ -16,6 +16,7 @@ import numpy as np
 
 from .errors import MedSegAIInputError, ModelFolderError
 from .modelcard import ModelCard
+from .threads import thread_count
 
 __all__ = ["BACKENDS", "DEVICES", "Predictor", "available_backends", "import_tensorflow", "load_predictor"]
 
@@ -65,16 +66,6 @@ def import_tensorflow() -> Any:
     return tensorflow
 
 
-def _thread_count() -> int:
-    value = os.environ.get("MEDSEGAI_THREADS")
-    if value:
-        try:
-            return max(1, int(value))
-        except ValueError as e:
-            raise MedSegAIInputError(f"MEDSEGAI_THREADS must be a whole number, not {value!r}.") from e
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 class OnnxPredictor:
     """ONNX Runtime session for ``model.onnx``."""
 
@@ -94,7 +85,7 @@ class OnnxPredictor:
             providers = gpu_providers + providers
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = _thread_count()
+        options.intra_op_num_threads = thread_count()
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         # Idle worker threads sleep instead of spinning: on a busy or shared CPU spinning threads
@@ -126,7 +117,7 @@ class KerasPredictor:
     def __init__(self, path: os.PathLike[str] | str, device: str) -> None:
         tf = import_tensorflow()
 
-        threads = _thread_count()
+        threads = thread_count()
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(1)

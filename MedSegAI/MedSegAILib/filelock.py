@@ -12,8 +12,8 @@ import contextlib
 import os
 import sys
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 from .errors import MedSegAIInputError
 

@@ -9,14 +9,14 @@ result as on the whole volume.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from .errors import MedSegAIInputError
+from .threads import thread_count
 
 __all__ = ["POSTPROCESSING_KEYS", "postprocess", "postprocess_in_place"]
 
@@ -160,31 +160,30 @@ def _keep_largest_one(labels: np.ndarray, value: int, boxes: list[tuple[slice, .
     boxes[value - 1] = tuple(slice(outer.start + mid.start, outer.start + mid.stop) for outer, mid in zip(box, inner))
 
 
-def _keep_largest(labels: np.ndarray, values: list[int], boxes: list[tuple[slice, ...] | None]) -> None:
-    """Keep each label's largest component; ``boxes`` is updated to the kept component's box.
+def _per_label(task: Callable[[int], Any], values: list[int], boxes: list[tuple[slice, ...] | None]) -> tuple[list[int], list[Any]]:
+    """``task(value)`` for each listed label that is present; (those labels, the results in order).
 
-    Labels are independent (each only turns its own voxels to 0, which no other label reads as
-    its own), and ``ndimage.label`` releases the GIL, so several labels run on parallel threads
-    (``MEDSEGAI_THREADS``, default: the usable cores) with the same result as one after another.
+    Big boxes (over ``_PARALLEL_VOXELS`` in all) run on parallel threads (``MEDSEGAI_THREADS``,
+    default: the usable cores): ``ndimage.label`` and numpy release the GIL.
     """
     todo = [value for value in values if value <= len(boxes) and boxes[value - 1] is not None]
-    workers = min(len(todo), _thread_count())
+    workers = min(len(todo), thread_count())
     big = sum(int(np.prod([s.stop - s.start for s in boxes[v - 1]])) for v in todo) > _PARALLEL_VOXELS
     if workers <= 1 or not big:
-        for value in todo:
-            _keep_largest_one(labels, value, boxes)
-        return
+        return todo, [task(value) for value in todo]
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(lambda value: _keep_largest_one(labels, value, boxes), todo))
+        return todo, list(pool.map(task, todo))
 
 
-def _thread_count() -> int:
-    value = os.environ.get("MEDSEGAI_THREADS", "")
-    if value.strip().isdigit() and int(value) > 0:
-        return int(value)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def _keep_largest(labels: np.ndarray, values: list[int], boxes: list[tuple[slice, ...] | None]) -> None:
+    """Keep each label's largest component; ``boxes`` is updated to a box that holds it.
+
+    Labels are independent (each only turns its own voxels to 0, which no other label reads as
+    its own), so running them on parallel threads gives the same result as one after another.
+    """
+    _per_label(lambda value: _keep_largest_one(labels, value, boxes), values, boxes)
 
 
 def _fill_holes(labels: np.ndarray, values: list[int], boxes: list[tuple[slice, ...] | None]) -> None:
@@ -195,20 +194,7 @@ def _fill_holes(labels: np.ndarray, values: list[int], boxes: list[tuple[slice, 
     label after another, only where the voxel is still background: the same result as finding and
     filling label after label.
     """
-    todo = [value for value in values if value <= len(boxes) and boxes[value - 1] is not None]
-
-    def find(value: int) -> np.ndarray | None:
-        return _holes(labels[boxes[value - 1]] != value)
-
-    workers = min(len(todo), _thread_count())
-    big = sum(int(np.prod([s.stop - s.start for s in boxes[v - 1]])) for v in todo) > _PARALLEL_VOXELS
-    if workers > 1 and big:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            found = list(pool.map(find, todo))
-    else:
-        found = [find(value) for value in todo]
+    todo, found = _per_label(lambda value: _holes(labels[boxes[value - 1]] != value), values, boxes)
     for value, holes in zip(todo, found):
         if holes is not None:
             region = labels[boxes[value - 1]]
