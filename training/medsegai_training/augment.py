@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["DEFAULT_AUGMENTATION", "resolve_config", "augment_2d", "augment_3d"]
@@ -389,6 +390,16 @@ def _sample_linear(image: Any, source: Any, size: Any, nd: int) -> Any:
     return result
 
 
+def _per_channel_draw(channels: Any, seed: Any, value_range: Sequence[float]) -> Any:
+    """One value per channel, uniform in ``value_range`` (the low end when the range is a point)."""
+    import tensorflow as tf
+
+    low, high = value_range
+    if high > low:
+        return tf.random.stateless_uniform(channels, seed=seed, minval=low, maxval=high)
+    return tf.fill(channels, low)
+
+
 def _intensity(image: Any, cfg: dict[str, Any], seeds: Any, nd: int) -> Any:
     import tensorflow as tf
 
@@ -397,9 +408,7 @@ def _intensity(image: Any, cfg: dict[str, Any], seeds: Any, nd: int) -> Any:
 
     entry = cfg["intensity_scale"]
     if entry["enabled"] and entry["probability"] > 0:
-        low, high = entry["range"]
-        factor = tf.random.stateless_uniform(channels, seed=seeds[9], minval=low, maxval=high) if high > low \
-            else tf.fill(channels, low)
+        factor = _per_channel_draw(channels, seeds[9], entry["range"])
         image = tf.where(_apply(entry["probability"], seeds[10]), image * factor, image)
 
     entry = cfg["intensity_shift"]
@@ -410,9 +419,7 @@ def _intensity(image: Any, cfg: dict[str, Any], seeds: Any, nd: int) -> Any:
 
     entry = cfg["contrast"]
     if entry["enabled"] and entry["probability"] > 0:
-        low, high = entry["range"]
-        factor = tf.random.stateless_uniform(channels, seed=seeds[12], minval=low, maxval=high) if high > low \
-            else tf.fill(channels, low)
+        factor = _per_channel_draw(channels, seeds[12], entry["range"])
         mean = tf.reduce_mean(image, axis=spatial_axes, keepdims=True)
         changed = (image - mean) * factor + mean
         if entry["preserve_range"]:
@@ -423,9 +430,7 @@ def _intensity(image: Any, cfg: dict[str, Any], seeds: Any, nd: int) -> Any:
 
     entry = cfg["gamma"]
     if entry["enabled"] and entry["probability"] > 0:
-        low, high = entry["range"]
-        gamma = tf.random.stateless_uniform(channels, seed=seeds[13], minval=low, maxval=high) if high > low \
-            else tf.fill(channels, low)
+        gamma = _per_channel_draw(channels, seeds[13], entry["range"])
         minimum = tf.reduce_min(image, axis=spatial_axes, keepdims=True)
         span = tf.maximum(tf.reduce_max(image, axis=spatial_axes, keepdims=True) - minimum, 1e-7)
         changed = tf.pow((image - minimum) / span, gamma) * span + minimum
