@@ -26,6 +26,7 @@ __all__ = [
     "reorient_to_canonical",
     "normalize",
     "intensity_statistics",
+    "zscore_voxels",
     "NORMALIZATION_METHODS",
     "target_grid",
     "source_coordinates",
@@ -38,6 +39,8 @@ NORMALIZATION_METHODS = ("ct", "zscore", "percentile", "none")
 # Per-image statistics are computed on a strided subsample of at most about this many voxels.
 _STATISTICS_SAMPLE_VOXELS = 2_000_000
 _DEFAULT_PERCENTILES = (0.5, 99.5)
+# zscore "foreground": statistics from voxels above this fraction of the image's 99.5th percentile.
+_FOREGROUND_REFERENCE_PERCENTILE = 99.5
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +242,11 @@ def _check_spec(spec: Mapping[str, Any]) -> str:
         clip = spec.get("clip")
         if clip is None or len(clip) != 2 or not float(clip[0]) < float(clip[1]):
             raise ValueError(f"ct normalization needs clip [low, high] with low < high, got {clip!r}")
+    foreground = spec.get("foreground")
+    if foreground is not None and (
+        isinstance(foreground, bool) or not isinstance(foreground, (int, float)) or not 0 < foreground < 1
+    ):
+        raise ValueError(f"zscore foreground must be a fraction in (0, 1), got {foreground!r}")
     std = spec.get("std")
     if std is not None and not float(std) > 0:
         raise ValueError(f"normalization std must be > 0, got {std!r}")
@@ -258,6 +266,27 @@ def _subsample(array: np.ndarray) -> np.ndarray:
     return array[(slice(None, None, step),) * array.ndim]
 
 
+def zscore_voxels(values: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
+    """The voxels a per-image ``zscore`` takes its mean and std from, as a flat array.
+
+    All of ``values`` by default; the non-zero ones with ``nonzero``; with ``foreground`` f, those
+    brighter than f times the 99.5th percentile (of the non-zero ones with ``nonzero``), which
+    leaves out air and scanner noise around a head or body whatever the field of view.
+
+    Args:
+        values: image voxels, any shape.
+        spec: a ``zscore`` normalisation dict.
+    """
+    values = np.asarray(values).ravel()
+    if spec.get("nonzero"):
+        values = values[values != 0]
+    if spec.get("foreground") is not None and values.size:
+        reference = float(np.percentile(values, _FOREGROUND_REFERENCE_PERCENTILE))
+        if reference > 0:
+            values = values[values > float(spec["foreground"]) * reference]
+    return values
+
+
 def intensity_statistics(array: np.ndarray, spec: Mapping[str, Any]) -> dict[str, float]:
     """Per-image statistics a normalisation needs, computed once on the whole volume.
 
@@ -270,7 +299,7 @@ def intensity_statistics(array: np.ndarray, spec: Mapping[str, Any]) -> dict[str
 
     Returns:
         ``{}`` when the method needs no per-image values (``ct``, ``none``, ``zscore`` with fixed
-        mean and std); ``{"mean", "std"}`` for ``zscore``; ``{"low", "high"}`` (intensity values of
+        mean and std); ``{"mean", "std"}`` for ``zscore`` (over :func:`zscore_voxels`); ``{"low", "high"}`` (intensity values of
         the lower/upper percentiles) for ``percentile``.
     """
     method = _check_spec(spec)
@@ -278,9 +307,7 @@ def intensity_statistics(array: np.ndarray, spec: Mapping[str, Any]) -> dict[str
     if method == "zscore":
         if spec.get("mean") is not None and spec.get("std") is not None:
             return {}
-        sample = _subsample(array)
-        if spec.get("nonzero"):
-            sample = sample[sample != 0]
+        sample = zscore_voxels(_subsample(array), spec)
         if sample.size == 0:
             return {"mean": 0.0, "std": 1.0}
         mean = float(np.mean(sample, dtype=np.float64))
@@ -300,7 +327,9 @@ def normalize(array: np.ndarray, spec: Mapping[str, Any], stats: Mapping[str, fl
 
     Methods: ``ct`` (clip to ``clip``; then ``(x - mean) / std`` when both are given, else scale
     the clip range to [0, 1]); ``zscore`` (fixed ``mean``/``std`` or per-image ones; with
-    ``nonzero`` the statistics come from non-zero voxels and zero voxels stay 0); ``percentile``
+    ``nonzero`` the statistics come from non-zero voxels and zero voxels stay 0; with
+    ``foreground`` from the voxels above that fraction of the 99.5th percentile, every voxel
+    being normalised); ``percentile``
     (clip to the per-image ``lower``/``upper`` percentiles and scale to [0, 1]); ``none``.
 
     Args:

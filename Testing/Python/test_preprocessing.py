@@ -152,6 +152,29 @@ def test_zscore_normalisation_fixed_per_image_and_nonzero() -> None:
     np.testing.assert_allclose(slab, nonzero[2:4], rtol=1e-6)
 
 
+def test_zscore_foreground_ignores_air_whatever_the_field_of_view() -> None:
+    rng = np.random.default_rng(0)
+    tissue = rng.normal(500.0, 50.0, size=(4, 20, 20))
+
+    def scan(air_rows: int) -> np.ndarray:
+        """The same head with more or less noisy air around it (a larger field of view)."""
+        air = np.abs(rng.normal(0.0, 5.0, size=(4, air_rows, 20)))
+        return np.concatenate([air, tissue, air], axis=1)
+
+    spec = {"method": "zscore", "foreground": 0.1}
+    small, large = scan(5), scan(60)
+    inside_small = normalize(small, spec)[:, 5:25]
+    inside_large = normalize(large, spec)[:, 60:80]
+    np.testing.assert_allclose(inside_small, inside_large, atol=1e-3)
+    np.testing.assert_allclose(inside_small, (tissue - tissue.mean()) / tissue.std(), atol=1e-3)
+    # the non-zero z-score shifts the same tissue with the amount of air
+    nonzero = {"method": "zscore", "nonzero": True}
+    shifted = normalize(small, nonzero)[:, 5:25].mean() - normalize(large, nonzero)[:, 60:80].mean()
+    assert abs(shifted) > 0.5
+    with pytest.raises(ValueError, match="foreground must be a fraction"):
+        normalize(small, {"method": "zscore", "foreground": 1.5})
+
+
 def test_percentile_normalisation_and_none() -> None:
     values = np.arange(101, dtype=np.int32)
     result = normalize(values, {"method": "percentile", "lower": 10, "upper": 90})

@@ -288,7 +288,7 @@ def fit_normalization(
 ) -> list[dict[str, Any]]:
     """Replace ``fit: true`` normalisations by ones with statistics from the training cases.
 
-    ``zscore``: pooled mean/std of every voxel (non-zero voxels with ``nonzero``) of the cases.
+    ``zscore``: pooled mean/std of the cases' voxels that ``preprocessing.zscore_voxels`` selects.
     ``ct``: pooled mean/std of the *clipped* intensities inside the labelled foreground (all
     voxels of a case without foreground), as nnU-Net does for CT.
 
@@ -315,10 +315,8 @@ def fit_normalization(
                     if mask is None:
                         mask = plan.lookup[np.asarray(label.array).astype(np.intp)] > 0
                     selected = values[mask] if mask.any() else values.ravel()
-                elif spec.get("nonzero"):
-                    selected = values[values != 0]
                 else:
-                    selected = values.ravel()
+                    selected = preprocessing.zscore_voxels(values, spec)
                 if selected.size:
                     parts[i].append(
                         (int(selected.size), float(selected.mean(dtype=np.float64)), float(selected.var(dtype=np.float64)))
