@@ -126,8 +126,12 @@ def test_export_validates_and_onnx_matches_keras_on_real_ct(builder: str, tmp_pa
     assert inp.name == "image"
     assert inp.shape[-1] == 1 and all(isinstance(d, str) or d is None for d in inp.shape[:-1])  # dynamic axes
     assert session.get_outputs()[0].name == "probabilities"
-    ops = {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
+    nodes = onnx.load(str(out / "model.onnx")).graph.node
+    ops = {node.op_type for node in nodes}
     assert "Softmax" not in ops and "Pad" not in ops  # simplify_onnx rewrote the slow patterns
+    if mode == "2d":  # no Concat feeds a Conv alone any more (skip connections: split convolutions)
+        users = {name: [n.op_type for n in nodes if name in n.input] for node in nodes for name in node.output}
+        assert all(users[node.output[0]] != ["Conv"] for node in nodes if node.op_type == "Concat")
     assert written["provenance"]["onnx_simplified"] >= 2
     onnx_probs = session.run(None, {"image": batch})[0]
     assert onnx_probs.shape == batch.shape[:-1] + (3,) and onnx_probs.dtype == np.float32
@@ -228,6 +232,31 @@ def test_simplify_keeps_conv_transposes_that_need_cropping(tmp_path: Path, ct_ar
     changes = export_onnx(model, tmp_path / "m.onnx")
     assert any("up_k2" in c for c in changes) and not any("up_k3" in c for c in changes)
     assert any("Softmax" in c for c in changes)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (_batch(ct_array, "2d"), np.ascontiguousarray(ct_array[:2, :36, :52, None])):
+        expected = np.asarray(model(batch, training=False))
+        got = session.run(None, {"image": batch})[0]
+        assert got.shape == expected.shape
+        assert np.max(np.abs(got - expected)) <= ONNX_TOLERANCE
+
+
+def test_simplify_splits_a_concat_that_only_feeds_a_conv(tmp_path: Path, ct_array: np.ndarray) -> None:
+    from medsegai_training.export import export_onnx
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((None, None, 1))
+    a = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+    b = keras.layers.Conv2D(5, 3, padding="same", activation="relu")(inputs)
+    skip = keras.layers.Concatenate(name="skip")([a, b])  # feeds one Conv only: split
+    x = keras.layers.Conv2D(6, 3, padding="same", name="after_skip")(skip)
+    shared = keras.layers.Concatenate(name="shared")([x, a])  # feeds two layers: kept
+    x = keras.layers.Add()([keras.layers.Conv2D(4, 1)(shared), keras.layers.Conv2D(4, 3, padding="same")(shared)])
+    outputs = keras.layers.Activation("softmax", dtype="float32")(x)
+    model = keras.Model(inputs, outputs)
+    changes = export_onnx(model, tmp_path / "m.onnx")
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert sum("split" in c for c in changes) == 1
+    assert sum(node.op_type == "Concat" for node in graph.node) == 1  # "shared" is left as it was
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     for batch in (_batch(ct_array, "2d"), np.ascontiguousarray(ct_array[:2, :36, :52, None])):
         expected = np.asarray(model(batch, training=False))

@@ -175,7 +175,7 @@ def _opset(model_proto: Any) -> int:
 
 
 def simplify_onnx(model_proto: Any) -> list[str]:
-    """Rewrite two slow patterns tf2onnx produces for MedSegAI's networks (in place).
+    """Rewrite three slow patterns tf2onnx produces for MedSegAI's networks (in place).
 
     * ``Softmax`` over the channel axis of an NCHW tensor: ONNX Runtime transposes it twice
       internally (about 8% of a U-Net's CPU time); it becomes ``ReduceMax``/``Sub``/``Exp``/
@@ -183,6 +183,11 @@ def simplify_onnx(model_proto: Any) -> list[str]:
     * ``ConvTranspose`` with ``kernel_shape == strides`` and no padding, followed by the
       ``Slice`` -> ``Pad`` pair tf2onnx adds to reach TensorFlow's dynamic output shape: that
       shape is exactly ``stride * input`` already, so the pair is an identity copy and is bypassed.
+    * ``Concat`` over the channels of 2D feature maps feeding only a ``Conv`` (a U-Net's skip
+      connection): ONNX Runtime runs that ``Concat`` outside its blocked NCHWc layout, with
+      reorders in and out (about 12% of a 2D U-Net's CPU time). ``Conv(Concat(a, b))`` becomes
+      ``Conv(a, W[:, :Ca]) + Conv(b, W[:, Ca:])`` (the weights split along their input channels;
+      the bias on the last part): the same sum of products, up to float rounding.
 
     The caller must still check the result against Keras (``export_model_folder`` does).
 
@@ -234,15 +239,25 @@ def simplify_onnx(model_proto: Any) -> list[str]:
         removed.update((slices[0].output[0], pads[0].output[0]))
         changes.append(f"bypassed identity Slice/Pad after {node.name}")
 
-    # 2. decompose Softmax
-    new_nodes: list[Any] = []
+    # 2. split Concat -> Conv (found before any rewrite; rewritten in the loop below)
     initializers: list[Any] = []
+    split_convs = _concat_conv_splits(model_proto, consumers, graph_outputs, rename)
+    for conv_output, (concat, _) in split_convs.items():
+        removed.add(concat.output[0])
+        changes.append(f"split {concat.name} -> Conv {conv_output} into one Conv per input and Add")
+
+    # 3. decompose Softmax
+    new_nodes: list[Any] = []
     for node in graph.node:
         if node.output and node.output[0] in removed:
             continue
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
+        if node.op_type == "Conv" and node.output[0] in split_convs:
+            concat, sizes = split_convs[node.output[0]]
+            new_nodes += _split_conv(node, concat, sizes, graph, initializers, rename)
+            continue
         if node.op_type != "Softmax" or opset < 13:
             new_nodes.append(node)
             continue
@@ -271,6 +286,69 @@ def simplify_onnx(model_proto: Any) -> list[str]:
         graph.initializer.extend(initializers)
         _prune_dead_nodes(graph)
     return changes
+
+
+def _concat_conv_splits(model_proto: Any, consumers: dict[str, list[Any]], graph_outputs: set[str],
+                        rename: dict[str, str]) -> dict[str, tuple[Any, list[int]]]:
+    """Conv output name -> (its input Concat, channels of each Concat input) for rule 2 of simplify_onnx.
+
+    ``rename`` maps the outputs rule 1 bypasses to the tensors that replace them.
+    """
+    from onnx import helper, shape_inference
+
+    inferred = shape_inference.infer_shapes(model_proto).graph
+    shapes: dict[str, Any] = {}
+    for info in [*inferred.value_info, *inferred.input, *inferred.output]:
+        shapes[info.name] = info.type.tensor_type.shape.dim
+    weights = {t.name: t for t in model_proto.graph.initializer}
+    found: dict[str, tuple[Any, list[int]]] = {}
+    for concat in model_proto.graph.node:
+        if concat.op_type != "Concat" or concat.output[0] in graph_outputs:
+            continue
+        users = consumers.get(concat.output[0], [])
+        axis = next((helper.get_attribute_value(a) for a in concat.attribute if a.name == "axis"), None)
+        if axis != 1 or len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != concat.output[0]:
+            continue
+        conv = users[0]
+        group = next((helper.get_attribute_value(a) for a in conv.attribute if a.name == "group"), 1)
+        weight = weights.get(conv.input[1])
+        if group != 1 or weight is None or len(weight.dims) != 4:  # 2D only: NCHWc is a 2D layout
+            continue
+        sizes = []
+        for name in concat.input:
+            dims = shapes.get(rename.get(name, name))
+            if dims is None or len(dims) != 4 or not dims[1].HasField("dim_value"):
+                break
+            sizes.append(int(dims[1].dim_value))
+        if len(sizes) == len(concat.input) and sum(sizes) == weight.dims[1]:
+            found[conv.output[0]] = (concat, sizes)
+    return found
+
+
+def _split_conv(conv: Any, concat: Any, sizes: list[int], graph: Any, initializers: list[Any],
+                rename: dict[str, str]) -> list[Any]:
+    """``Conv(Concat(x_1..x_n))`` as ``Conv(x_1, W_1) + ... + Conv(x_n, W_n, bias)``: the new nodes."""
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.to_array(next(t for t in graph.initializer if t.name == conv.input[1]))
+    parts = np.split(weight, np.cumsum(sizes)[:-1], axis=1)
+    has_bias = len(conv.input) > 2 and bool(conv.input[2])
+    nodes, outputs = [], []
+    sources = [rename.get(name, name) for name in concat.input]
+    for k, (source, part) in enumerate(zip(sources, parts)):
+        base = f"{conv.output[0]}/medsegai_split{k}"
+        initializers.append(numpy_helper.from_array(np.ascontiguousarray(part), f"{base}/W"))
+        inputs = [source, f"{base}/W"] + ([conv.input[2]] if has_bias and k == len(parts) - 1 else [])
+        node = helper.make_node("Conv", inputs, [f"{base}/y"], name=base)
+        node.attribute.extend(conv.attribute)
+        nodes.append(node)
+        outputs.append(f"{base}/y")
+    total = outputs[0]
+    for k, part_output in enumerate(outputs[1:], start=1):
+        result = conv.output[0] if k == len(outputs) - 1 else f"{conv.output[0]}/medsegai_sum{k}"
+        nodes.append(helper.make_node("Add", [total, part_output], [result], name=f"{conv.output[0]}/medsegai_add{k}"))
+        total = result
+    return nodes
 
 
 def _prune_dead_nodes(graph: Any) -> None:
