@@ -54,6 +54,8 @@ DEFAULT_BATCH_SIZE = {"2d": 8, "3d": 1}
 STREAM_BUDGET_BYTES = 64 * 1024 * 1024
 # upsample_argmax interpolates only label borders; above this fraction of output pixels, all of them.
 _SPARSE_BORDER_FRACTION = 0.3
+# upsample_argmax's marker of output pixels whose label must be interpolated (never a class index).
+_UNDECIDED = 255
 _SLICING_AXIS = {"axial": 0, "coronal": 1, "sagittal": 2}
 
 ProgressFn = Callable[..., None]
@@ -98,12 +100,13 @@ def upsample_argmax(probabilities: np.ndarray, out_shape: Sequence[int]) -> np.n
     """``argmax`` of the in-plane linear resampling of ``(n, a, b, K)`` probabilities, without most of its cost.
 
     Equal, voxel for voxel, to ``argmax_labels(resample_axis_aligned(probabilities, out_shape,
-    order=1, axes=(1, 2)))``. The first in-plane axis is interpolated as there (same float32
-    operations, same axis order); along the second one every output pixel is a convex
-    combination of two intermediate pixels with the same weights for every class, so where those
-    two share one argmax label the result is that label (ties included: lowest index). Only the
-    pixels whose two sources disagree — label borders — are interpolated, exactly as the dense
-    path does. The ``(n, A, B, K)`` float32 intermediate is never built.
+    order=1, axes=(1, 2)))``, which interpolates one in-plane axis and then the other, each output
+    value a convex combination of two inputs with the same weights for every class. Where the
+    inputs of such a combination share one argmax label, the result has that label too (float
+    rounding is monotonic, so ties stay ties: lowest index). So the labels are decided at the
+    input size first, and only output pixels whose two-by-two source block holds more than one
+    label (label borders) are interpolated, with the same float32 operations in the same order as
+    the dense path. No ``(n, A, b, K)`` or ``(n, A, B, K)`` float32 intermediate is built.
 
     Args:
         probabilities: ``(n, a, b, K)`` float32, class index == label value.
@@ -118,29 +121,69 @@ def upsample_argmax(probabilities: np.ndarray, out_shape: Sequence[int]) -> np.n
     sizes = {1: int(out_shape[0]), 2: int(out_shape[1])}
     todo = [axis for axis in (1, 2) if sizes[axis] != probabilities.shape[axis]]
     todo.sort(key=lambda axis: sizes[axis] / probabilities.shape[axis])  # resample_axis_aligned's order
-    if len(todo) < 2:
-        return argmax_labels(resample_axis_aligned(probabilities, tuple(sizes.values()), order=1, axes=(1, 2)))
-    first, second = todo
-    partial = resample_axis_aligned(probabilities, (sizes[first],), order=1, axes=(first,))
-    coarse = argmax_labels(partial)
-    i0, i1, weight = linear_weights(partial.shape[second], sizes[second])
-    labels = np.take(coarse, i0, axis=second)
-    differs = labels != np.take(coarse, i1, axis=second)
-    border = int(np.count_nonzero(differs))
-    if border == 0:
+    if not todo:
+        return argmax_labels(probabilities)
+    if probabilities.dtype != np.float32:
+        probabilities = probabilities.astype(np.float32)
+    if probabilities.shape[-1] > _UNDECIDED:  # the marker below must not be a class
+        return argmax_labels(resample_axis_aligned(probabilities, (sizes[1], sizes[2]), order=1, axes=(1, 2)))
+    coarse = argmax_labels(probabilities)
+    # A source pixel decides the output pixels interpolated from it and its next neighbour along
+    # each resampled axis (itself at the far edge, as the clamped weights do) when they all agree.
+    first = todo[0]
+    decided = coarse == _next_along(coarse, first)
+    if len(todo) == 2:
+        second = todo[1]
+        decided &= _next_along(decided, second)  # the two pixels after it along the second axis
+        decided &= coarse == _next_along(coarse, second)
+    code = np.where(decided, coarse, np.uint8(_UNDECIDED))
+    weights = {axis: linear_weights(probabilities.shape[axis], sizes[axis]) for axis in todo}
+    labels = code
+    for axis in todo:
+        labels = np.take(labels, weights[axis][0], axis=axis)
+    unknown = np.nonzero(labels == _UNDECIDED)
+    if unknown[0].size == 0:
         return labels
-    if border > _SPARSE_BORDER_FRACTION * differs.size:  # speckled maps: interpolate every pixel
-        return argmax_labels(resample_axis_aligned(partial, (sizes[second],), order=1, axes=(second,)))
-    s, row, col = np.nonzero(differs)
-    if second == 1:
-        low, high, fraction = partial[s, i0[row], col], partial[s, i1[row], col], weight[row]
-    else:
-        low, high, fraction = partial[s, row, i0[col]], partial[s, row, i1[col]], weight[col]
-    high -= low
-    high *= fraction[:, None]
-    low += high
-    labels[s, row, col] = argmax_labels(low)
+    if unknown[0].size > _SPARSE_BORDER_FRACTION * labels.size:  # speckled maps: interpolate every pixel
+        return argmax_labels(resample_axis_aligned(probabilities, (sizes[1], sizes[2]), order=1, axes=(1, 2)))
+    labels[unknown] = argmax_labels(_interpolate_at(probabilities, unknown, todo, weights))
     return labels
+
+
+def _next_along(array: np.ndarray, axis: int) -> np.ndarray:
+    """``array`` shifted by one towards the start along ``axis``, the last entry repeated."""
+    head = [slice(None)] * array.ndim
+    head[axis] = slice(1, None)
+    tail = [slice(None)] * array.ndim
+    tail[axis] = slice(-1, None)
+    return np.concatenate([array[tuple(head)], array[tuple(tail)]], axis=axis)
+
+
+def _interpolate_at(probabilities: np.ndarray, where: tuple[np.ndarray, ...], todo: Sequence[int],
+                    weights: Mapping[int, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """``resample_axis_aligned(probabilities, ..., order=1)`` at the output pixels ``where`` only: ``(m, K)``.
+
+    The axes in ``todo`` are interpolated in that order with ``low + (high - low) * w`` in float32,
+    exactly as the dense resampling does.
+    """
+
+    def source(index: Sequence[np.ndarray], axis: int, pick: int) -> list[np.ndarray]:
+        moved = list(index)
+        moved[axis] = weights[axis][pick][index[axis]]
+        return moved
+
+    def interpolate(index: list[np.ndarray], axes: Sequence[int]) -> np.ndarray:
+        if not axes:
+            return probabilities[index[0], index[1], index[2]]
+        *inner, axis = axes
+        low = interpolate(source(index, axis, 0), inner)
+        high = interpolate(source(index, axis, 1), inner)
+        high -= low
+        high *= weights[axis][2][index[axis]][:, None]
+        low += high
+        return low
+
+    return interpolate(list(where), list(todo))
 
 
 def decide_labels(config: Mapping[str, Any], labels: Sequence[Any], num_classes: int) -> Callable[[np.ndarray], np.ndarray]:

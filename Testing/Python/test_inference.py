@@ -7,11 +7,20 @@ import types
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import SimpleITK as sitk
 from MedSegAILib import inference
 from MedSegAILib.errors import CancelledError, MedSegAIInputError
 from MedSegAILib.image import Volume
-from MedSegAILib.inference import SegmentOptions, _RowMapper, argmax_labels, decide_labels, segment_volumes
+from MedSegAILib.inference import (
+    SegmentOptions,
+    _RowMapper,
+    argmax_labels,
+    decide_labels,
+    segment_volumes,
+    upsample_argmax,
+)
 from MedSegAILib.preprocessing import resample_axis_aligned
 from scipy import ndimage
 
@@ -282,6 +291,30 @@ def test_streamed_mapping_back_equals_whole_volume_interpolation() -> None:
     np.testing.assert_array_equal(out, expected)
     with pytest.raises(ValueError, match="in order"):
         _RowMapper(13, out, argmax_labels, 4).push(2, probabilities[2:4].copy())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    shape=st.tuples(st.integers(1, 3), st.integers(1, 12), st.integers(1, 12), st.integers(1, 5)),
+    out=st.tuples(st.integers(1, 30), st.integers(1, 30)),
+    smooth=st.sampled_from([0.0, 1.0, 3.0]),
+    levels=st.sampled_from([0, 2, 3]),
+)
+def test_upsample_argmax_equals_argmax_of_dense_resampling(seed, shape, out, smooth, levels) -> None:
+    """Border-only interpolation gives exactly the dense path's labels: growing, shrinking or equal
+    sizes, smooth or speckled maps, and exact ties (probabilities quantised to a few levels)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=shape)
+    if smooth:
+        logits = ndimage.gaussian_filter(logits, sigma=(0, smooth, smooth, 0)) * 10
+    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
+    probabilities /= probabilities.sum(-1, keepdims=True)
+    if levels:
+        probabilities = np.round(probabilities * levels) / levels  # many exact ties
+    probabilities = probabilities.astype(np.float32)
+    dense = argmax_labels(resample_axis_aligned(probabilities, out, order=1, axes=(1, 2)))
+    np.testing.assert_array_equal(upsample_argmax(probabilities, out), dense)
 
 
 @pytest.mark.parametrize("failing", ["normalize", "upsample_argmax"], ids=["prefetch-thread", "mapping-thread"])
