@@ -23,15 +23,30 @@ __all__ = ["Volume", "LPS_TO_RAS", "present_values"]
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
 
+_SAMPLE_STEP = 64
+_MAX_UNSEEN_CHECKS = 8
+
+
 def present_values(array: np.ndarray) -> set[int]:
     """The distinct values of a label array (any shape), as Python ints.
 
-    uint8 and bool arrays use a 256-bin histogram, about ten times faster than ``np.unique``'s sort
-    on a 512x512x600 labelmap; other types fall back to ``np.unique``.
+    uint8 and bool arrays: the maximum (one fast pass), a histogram of every 64th voxel, and a
+    full comparison only for the values up to the maximum that the sample missed (small
+    structures) — a few milliseconds on a 512x512x200 labelmap instead of ~80 ms for a full
+    histogram. Other types fall back to ``np.unique``.
     """
-    if array.dtype in (np.uint8, np.bool_):
-        return {int(v) for v in np.flatnonzero(np.bincount(array.ravel().view(np.uint8), minlength=2))}
-    return {int(v) for v in np.unique(array)}
+    if array.dtype not in (np.uint8, np.bool_):
+        return {int(v) for v in np.unique(array)}
+    flat = array.reshape(-1).view(np.uint8)
+    if flat.size == 0:
+        return set()
+    high = int(flat.max())
+    found = {int(v) for v in np.flatnonzero(np.bincount(flat[::_SAMPLE_STEP], minlength=high + 1))}
+    unseen = [v for v in range(high) if v not in found]
+    found.add(high)
+    if len(unseen) > _MAX_UNSEEN_CHECKS:
+        return {int(v) for v in np.flatnonzero(np.bincount(flat, minlength=high + 1))}
+    return found | {v for v in unseen if np.any(flat == v)}
 
 
 @dataclass

@@ -198,7 +198,7 @@ def _ras_directions(node: Any) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(3)] for r in range(3)], dtype=float)
 
 
-def volume_from_node(volume_node: Any, name: str = "input") -> Volume:
+def volume_from_node(volume_node: Any, name: str = "input", copy: bool = True) -> Volume:
     """Copy a scalar volume node into a :class:`Volume` (LPS geometry, ``(z, y, x)`` array).
 
     Only voxels and geometry are copied: no node attributes, no DICOM fields, so no patient data.
@@ -208,9 +208,11 @@ def volume_from_node(volume_node: Any, name: str = "input") -> Volume:
     Args:
         volume_node: a ``vtkMRMLScalarVolumeNode`` (label map volumes are accepted too).
         name: what to call the input in messages, e.g. the channel name ``"FLAIR"``.
+        copy: False gives a read-only view of the node's voxels instead of a copy (for a caller
+            that only writes them to a file at once and keeps the geometry).
 
     Returns:
-        A new :class:`Volume` whose array is a copy of the node's voxels.
+        A new :class:`Volume` whose array is a copy (or a read-only view) of the node's voxels.
 
     Raises:
         MedSegAIInputError: no node, not a scalar volume, no image data, 2D, or more than one
@@ -241,7 +243,9 @@ def volume_from_node(volume_node: Any, name: str = "input") -> Volume:
             f"{_node_label(volume_node)} selected for {name} is 2D ({dims[0]}x{dims[1]}x{dims[2]} voxels); "
             "MedSegAI needs a 3D volume with at least 2 voxels along each axis."
         )
-    array = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
+    array = np.array(slicer.util.arrayFromVolume(volume_node), copy=copy)
+    if not copy:
+        array.flags.writeable = False
     if array.shape != (dims[2], dims[1], dims[0]):
         raise MedSegAIInputError(f"{_node_label(volume_node)} selected for {name} has inconsistent image data; reload it and try again.")
     spacing = tuple(float(s) for s in volume_node.GetSpacing())

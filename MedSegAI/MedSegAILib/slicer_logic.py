@@ -584,7 +584,10 @@ class SegmentationRun(EngineProcess):
                 f"{sum(node is not None for node in nodes)} are selected; clear the extra selections."
             )
         self.volume_nodes = list(nodes[: len(channels)])
-        self.input_volumes = [mrml.volume_from_node(node, name) for node, name in zip(self.volume_nodes, channels)]
+        # views, not copies: start() writes them to files at once; afterwards only their geometry is used
+        self.input_volumes = [
+            mrml.volume_from_node(node, name, copy=False) for node, name in zip(self.volume_nodes, channels)
+        ]
         self.python_executable = _check_python_executable(self.options.python_executable)
 
     def start(self) -> "SegmentationRun":
@@ -637,7 +640,7 @@ class SegmentationRun(EngineProcess):
                     f"The engine result ({labels.geometry_description()}) is not on the input grid "
                     f"({reference_volume.geometry_description()}); report this problem."
                 )
-            labels = reference_volume.with_array(np.asarray(labels.array).astype(np.uint8))
+            labels = reference_volume.with_array(np.asarray(labels.array).astype(np.uint8, copy=False))
             rows = self._read_measurements()
             scene = scene or self.volume_nodes[0].GetScene()
             result = self._fill_scene(scene, labels, rows)

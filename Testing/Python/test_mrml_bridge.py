@@ -72,6 +72,9 @@ def test_volume_round_trip_is_exact(scene, ct: Volume, variant: str) -> None:
     assert back.metadata == {}
     back.array[0, 0, 0] += 1  # a copy, not a view of the node's voxels
     assert mrml.volume_from_node(node).array[0, 0, 0] == volume.array[0, 0, 0]
+    view = mrml.volume_from_node(node, copy=False)  # the engine run's input: the node's own voxels, read-only
+    assert np.shares_memory(view.array, slicer.util.arrayFromVolume(node)) and not view.array.flags.writeable
+    assert np.array_equal(view.array, volume.array) and view.same_grid(back)
 
 
 @pytest.mark.parametrize("variant", ["left-right-flipped", "oblique"])
