@@ -163,27 +163,37 @@ def _interpolate_at(probabilities: np.ndarray, where: tuple[np.ndarray, ...], to
                     weights: Mapping[int, tuple[np.ndarray, np.ndarray, np.ndarray]]) -> np.ndarray:
     """``resample_axis_aligned(probabilities, ..., order=1)`` at the output pixels ``where`` only: ``(m, K)``.
 
-    The axes in ``todo`` are interpolated in that order with ``low + (high - low) * w`` in float32,
-    exactly as the dense resampling does.
+    The axes in ``todo`` (one or two) are interpolated in that order with ``low + (high - low) * w``
+    in float32, exactly as the dense resampling does. (No nested closures: a self-referencing one
+    would keep ``probabilities``, a view of a whole slab, alive until the cyclic garbage collector ran.)
     """
+    first = todo[0]
+    fraction = weights[first][2][where[first]][:, None]
+    if len(todo) == 1:
+        return _lerp(_gather(probabilities, where, weights, {first: 0}),
+                     _gather(probabilities, where, weights, {first: 1}), fraction)
+    second = todo[1]
+    low = _lerp(_gather(probabilities, where, weights, {first: 0, second: 0}),
+                _gather(probabilities, where, weights, {first: 1, second: 0}), fraction)
+    high = _lerp(_gather(probabilities, where, weights, {first: 0, second: 1}),
+                 _gather(probabilities, where, weights, {first: 1, second: 1}), fraction)
+    return _lerp(low, high, weights[second][2][where[second]][:, None])
 
-    def source(index: Sequence[np.ndarray], axis: int, pick: int) -> list[np.ndarray]:
-        moved = list(index)
-        moved[axis] = weights[axis][pick][index[axis]]
-        return moved
 
-    def interpolate(index: list[np.ndarray], axes: Sequence[int]) -> np.ndarray:
-        if not axes:
-            return probabilities[index[0], index[1], index[2]]
-        *inner, axis = axes
-        low = interpolate(source(index, axis, 0), inner)
-        high = interpolate(source(index, axis, 1), inner)
-        high -= low
-        high *= weights[axis][2][index[axis]][:, None]
-        low += high
-        return low
+def _gather(probabilities: np.ndarray, where: tuple[np.ndarray, ...],
+            weights: Mapping[int, tuple[np.ndarray, np.ndarray, np.ndarray]], picks: Mapping[int, int]) -> np.ndarray:
+    """``probabilities`` at the source pixels of ``where``: along each axis in ``picks``, its ``i0`` (0) or ``i1`` (1)."""
+    index = [weights[axis][pick][where[axis]] if axis in picks else where[axis]
+             for axis, pick in ((axis, picks.get(axis)) for axis in range(3))]
+    return probabilities[index[0], index[1], index[2]]
 
-    return interpolate(list(where), list(todo))
+
+def _lerp(low: np.ndarray, high: np.ndarray, fraction: np.ndarray) -> np.ndarray:
+    """``low + (high - low) * fraction`` in place in ``low`` (both fresh arrays)."""
+    high -= low
+    high *= fraction
+    low += high
+    return low
 
 
 def decide_labels(config: Mapping[str, Any], labels: Sequence[Any], num_classes: int) -> Callable[[np.ndarray], np.ndarray]:

@@ -317,6 +317,25 @@ def test_upsample_argmax_equals_argmax_of_dense_resampling(seed, shape, out, smo
     np.testing.assert_array_equal(upsample_argmax(probabilities, out), dense)
 
 
+def test_upsample_argmax_keeps_no_reference_to_the_probabilities() -> None:
+    """The slab's probabilities are freed when the caller drops them, without waiting for the
+    cyclic garbage collector (a self-referencing closure once kept every slab alive)."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(5)
+    slab = ndimage.gaussian_filter(rng.random((4, 20, 24, 3)), sigma=(0, 2, 2, 0)).astype(np.float32)
+    alive = weakref.ref(slab)
+    gc.disable()
+    try:
+        labels = upsample_argmax(slab[1:3], (41, 37))  # a view, with label borders to interpolate
+        assert labels.shape == (2, 41, 37)
+        del slab
+        assert alive() is None
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("failing", ["normalize", "upsample_argmax"], ids=["prefetch-thread", "mapping-thread"])
 def test_errors_on_worker_threads_reach_the_caller_and_leave_no_thread(ct: Volume, monkeypatch, failing: str) -> None:
     import threading
