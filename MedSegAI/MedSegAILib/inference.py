@@ -183,8 +183,7 @@ def _interpolate_at(probabilities: np.ndarray, where: tuple[np.ndarray, ...], to
 def _gather(probabilities: np.ndarray, where: tuple[np.ndarray, ...],
             weights: Mapping[int, tuple[np.ndarray, np.ndarray, np.ndarray]], picks: Mapping[int, int]) -> np.ndarray:
     """``probabilities`` at the source pixels of ``where``: along each axis in ``picks``, its ``i0`` (0) or ``i1`` (1)."""
-    index = [weights[axis][pick][where[axis]] if axis in picks else where[axis]
-             for axis, pick in ((axis, picks.get(axis)) for axis in range(3))]
+    index = [weights[axis][picks[axis]][where[axis]] if axis in picks else where[axis] for axis in range(3)]
     return probabilities[index[0], index[1], index[2]]
 
 
