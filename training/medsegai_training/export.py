@@ -303,7 +303,7 @@ def _concat_conv_splits(model_proto: Any, consumers: dict[str, list[Any]], graph
     weights = {t.name: t for t in model_proto.graph.initializer}
     found: dict[str, tuple[Any, list[int]]] = {}
     for concat in model_proto.graph.node:
-        if concat.op_type != "Concat" or concat.output[0] in graph_outputs:
+        if concat.op_type != "Concat" or len(concat.input) < 2 or concat.output[0] in graph_outputs:
             continue
         users = consumers.get(concat.output[0], [])
         axis = next((helper.get_attribute_value(a) for a in concat.attribute if a.name == "axis"), None)
