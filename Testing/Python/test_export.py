@@ -219,6 +219,16 @@ def test_mixed_precision_model_is_exported_as_float32_without_onnx(tmp_path: Pat
     np.testing.assert_allclose(np.asarray(reloaded(batch)), np.asarray(model(batch)), atol=2e-2)
 
 
+def _assert_onnx_matches_keras(path: Path, model: keras.Model, ct_array: np.ndarray) -> None:
+    """The exported graph gives Keras' probabilities on real CT windows of two sizes."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (_batch(ct_array, "2d"), np.ascontiguousarray(ct_array[:2, :36, :52, None])):
+        expected = np.asarray(model(batch, training=False))
+        got = session.run(None, {"image": batch})[0]
+        assert got.shape == expected.shape
+        assert np.max(np.abs(got - expected)) <= ONNX_TOLERANCE
+
+
 def test_simplify_keeps_conv_transposes_that_need_cropping(tmp_path: Path, ct_array: np.ndarray) -> None:
     from medsegai_training.export import export_onnx
 
@@ -232,12 +242,7 @@ def test_simplify_keeps_conv_transposes_that_need_cropping(tmp_path: Path, ct_ar
     changes = export_onnx(model, tmp_path / "m.onnx")
     assert any("up_k2" in c for c in changes) and not any("up_k3" in c for c in changes)
     assert any("Softmax" in c for c in changes)
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    for batch in (_batch(ct_array, "2d"), np.ascontiguousarray(ct_array[:2, :36, :52, None])):
-        expected = np.asarray(model(batch, training=False))
-        got = session.run(None, {"image": batch})[0]
-        assert got.shape == expected.shape
-        assert np.max(np.abs(got - expected)) <= ONNX_TOLERANCE
+    _assert_onnx_matches_keras(tmp_path / "m.onnx", model, ct_array)
 
 
 def test_simplify_splits_a_concat_that_only_feeds_a_conv(tmp_path: Path, ct_array: np.ndarray) -> None:
@@ -257,9 +262,4 @@ def test_simplify_splits_a_concat_that_only_feeds_a_conv(tmp_path: Path, ct_arra
     graph = onnx.load(str(tmp_path / "m.onnx")).graph
     assert sum("split" in c for c in changes) == 1
     assert sum(node.op_type == "Concat" for node in graph.node) == 1  # "shared" is left as it was
-    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    for batch in (_batch(ct_array, "2d"), np.ascontiguousarray(ct_array[:2, :36, :52, None])):
-        expected = np.asarray(model(batch, training=False))
-        got = session.run(None, {"image": batch})[0]
-        assert got.shape == expected.shape
-        assert np.max(np.abs(got - expected)) <= ONNX_TOLERANCE
+    _assert_onnx_matches_keras(tmp_path / "m.onnx", model, ct_array)
