@@ -242,7 +242,7 @@ def simplify_onnx(model_proto: Any) -> list[str]:
     # 2. split Concat -> Conv (found before any rewrite; rewritten in the loop below)
     initializers: list[Any] = []
     split_convs = _concat_conv_splits(model_proto, consumers, graph_outputs, rename)
-    for conv_output, (concat, _) in split_convs.items():
+    for conv_output, (concat, _, _) in split_convs.items():
         removed.add(concat.output[0])
         changes.append(f"split {concat.name} -> Conv {conv_output} into one Conv per input and Add")
 
@@ -255,8 +255,7 @@ def simplify_onnx(model_proto: Any) -> list[str]:
             if name in rename:
                 node.input[i] = rename[name]
         if node.op_type == "Conv" and node.output[0] in split_convs:
-            concat, sizes = split_convs[node.output[0]]
-            new_nodes += _split_conv(node, concat, sizes, graph, initializers, rename)
+            new_nodes += _split_conv(node, *split_convs[node.output[0]], initializers, rename)
             continue
         if node.op_type != "Softmax" or opset < 13:
             new_nodes.append(node)
@@ -289,8 +288,9 @@ def simplify_onnx(model_proto: Any) -> list[str]:
 
 
 def _concat_conv_splits(model_proto: Any, consumers: dict[str, list[Any]], graph_outputs: set[str],
-                        rename: dict[str, str]) -> dict[str, tuple[Any, list[int]]]:
-    """Conv output name -> (its input Concat, channels of each Concat input) for rule 2 of simplify_onnx.
+                        rename: dict[str, str]) -> dict[str, tuple[Any, list[int], Any]]:
+    """For rule 2 of simplify_onnx: Conv output name -> (its input Concat, the channels of each
+    Concat input, the Conv's weight initializer).
 
     ``rename`` maps the outputs rule 1 bypasses to the tensors that replace them.
     """
@@ -301,7 +301,7 @@ def _concat_conv_splits(model_proto: Any, consumers: dict[str, list[Any]], graph
     for info in [*inferred.value_info, *inferred.input, *inferred.output]:
         shapes[info.name] = info.type.tensor_type.shape.dim
     weights = {t.name: t for t in model_proto.graph.initializer}
-    found: dict[str, tuple[Any, list[int]]] = {}
+    found: dict[str, tuple[Any, list[int], Any]] = {}
     for concat in model_proto.graph.node:
         if concat.op_type != "Concat" or len(concat.input) < 2 or concat.output[0] in graph_outputs:
             continue
@@ -321,17 +321,16 @@ def _concat_conv_splits(model_proto: Any, consumers: dict[str, list[Any]], graph
                 break
             sizes.append(int(dims[1].dim_value))
         if len(sizes) == len(concat.input) and sum(sizes) == weight.dims[1]:
-            found[conv.output[0]] = (concat, sizes)
+            found[conv.output[0]] = (concat, sizes, weight)
     return found
 
 
-def _split_conv(conv: Any, concat: Any, sizes: list[int], graph: Any, initializers: list[Any],
+def _split_conv(conv: Any, concat: Any, sizes: list[int], weight: Any, initializers: list[Any],
                 rename: dict[str, str]) -> list[Any]:
     """``Conv(Concat(x_1..x_n))`` as ``Conv(x_1, W_1) + ... + Conv(x_n, W_n, bias)``: the new nodes."""
     from onnx import helper, numpy_helper
 
-    weight = numpy_helper.to_array(next(t for t in graph.initializer if t.name == conv.input[1]))
-    parts = np.split(weight, np.cumsum(sizes)[:-1], axis=1)
+    parts = np.split(numpy_helper.to_array(weight), np.cumsum(sizes)[:-1], axis=1)
     has_bias = len(conv.input) > 2 and bool(conv.input[2])
     nodes, outputs = [], []
     sources = [rename.get(name, name) for name in concat.input]
