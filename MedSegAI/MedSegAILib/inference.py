@@ -12,8 +12,10 @@ Pipeline (memory bounded: never a float32 classes × volume array):
    sliding windows stream finished z rows, which are interpolated back to the input grid (z
    first, then in-plane) a few rows at a time and turned into labels.
 3. Labels are written through the canonical view of the output array, so the result is already
-   in the original layout; each label's bounding box is gathered on the way. Then
-   post-processing (largest component, holes, islands) runs in place on that view.
+   in the original layout; each label's bounding box and the connected components that
+   post-processing needs (islands, largest component) are gathered on the way, on the mapping
+   thread (:mod:`components`). Then post-processing runs in place on that view: it only erases
+   the pieces that go and fills holes.
 
 Threads: the network call releases the GIL, so preparing the next 2D slab and mapping finished
 probabilities back (2D and 3D) run on worker threads while the network computes; at most one
@@ -32,11 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.ndimage import find_objects
 
 from .errors import CancelledError, MedSegAIInputError
 from .image import Volume
-from .postprocessing import postprocess_in_place
+from .components import StreamedComponents
+from .postprocessing import component_labels, postprocess_in_place
 from .preprocessing import (
     intensity_statistics,
     linear_weights,
@@ -141,13 +143,42 @@ def upsample_argmax(probabilities: np.ndarray, out_shape: Sequence[int]) -> np.n
     labels = code
     for axis in todo:
         labels = np.take(labels, weights[axis][0], axis=axis)
-    unknown = np.nonzero(labels == _UNDECIDED)
-    if unknown[0].size == 0:
+    undecided = np.nonzero(~decided)
+    if undecided[0].size == 0:
         return labels
-    if unknown[0].size > _SPARSE_BORDER_FRACTION * labels.size:  # speckled maps: interpolate every pixel
+    unknown = _output_pixels(undecided, {axis: weights[axis][0] for axis in todo}, probabilities.shape)
+    if unknown is None:  # speckled maps: interpolate every pixel
         return argmax_labels(resample_axis_aligned(probabilities, (sizes[1], sizes[2]), order=1, axes=(1, 2)))
     labels[unknown] = argmax_labels(_interpolate_at(probabilities, unknown, todo, weights))
     return labels
+
+
+def _output_pixels(source: tuple[np.ndarray, ...], first_sources: Mapping[int, np.ndarray],
+                   shape: Sequence[int]) -> tuple[np.ndarray, ...] | None:
+    """The output pixels ``(n, A, B)`` whose first source pixel (``first_sources[axis][i]``) is in ``source``.
+
+    ``np.nonzero`` of the taken map would find the same pixels (in another order) but scans the
+    whole output; each source pixel owns a run of outputs per axis (the index maps are
+    non-decreasing), so the runs are expanded instead. None when they exceed
+    ``_SPARSE_BORDER_FRACTION`` of the output.
+    """
+    starts, counts = {}, {}
+    for axis in (1, 2):
+        if axis in first_sources:
+            index = first_sources[axis]
+            starts[axis] = np.searchsorted(index, source[axis], side="left")
+            counts[axis] = np.searchsorted(index, source[axis], side="right") - starts[axis]
+        else:
+            starts[axis], counts[axis] = source[axis], np.ones_like(source[axis])
+    per_pixel = counts[1] * counts[2]
+    total = int(per_pixel.sum())
+    out_size = shape[0] * np.prod([len(first_sources[a]) if a in first_sources else shape[a] for a in (1, 2)])
+    if total > _SPARSE_BORDER_FRACTION * out_size:
+        return None
+    owner = np.repeat(np.arange(per_pixel.size), per_pixel)
+    offset = np.arange(total) - np.repeat(np.cumsum(per_pixel) - per_pixel, per_pixel)
+    width = counts[2][owner]
+    return source[0][owner], starts[1][owner] + offset // width, starts[2][owner] + offset % width
 
 
 def _next_along(array: np.ndarray, axis: int) -> np.ndarray:
@@ -274,29 +305,27 @@ class _RowMapper:
 
     Rows arrive along axis 0 in order; source rows are kept only while an output row still needs
     them. Probabilities are interpolated linearly (axis 0 first, at the model's in-plane size,
-    then in-plane) before ``decide``; the labels are written into ``out``, a ``(n0, n1, n2)``
-    uint8 (possibly strided) view.
+    then in-plane) before ``decide``; the labels are written into ``components.out``, a
+    ``(n0, n1, n2)`` uint8 (possibly strided) view, and handed to ``components`` (label boxes and
+    the connected components post-processing needs, gathered while the network runs).
     """
 
-    def __init__(self, source_rows: int, out: np.ndarray, decide: Callable[[np.ndarray], np.ndarray], classes: int) -> None:
-        self.out = out
+    def __init__(self, source_rows: int, components: StreamedComponents, decide: Callable[[np.ndarray], np.ndarray], classes: int) -> None:
+        self.out = components.out
+        self.components = components
         self.decide = decide
         self.classes = classes
-        self.identity_rows = source_rows == out.shape[0]
+        self.identity_rows = source_rows == self.out.shape[0]
         if self.identity_rows:
-            self.i0 = self.i1 = np.arange(out.shape[0], dtype=np.intp)
-            self.weight = np.zeros(out.shape[0], dtype=np.float32)
+            self.i0 = self.i1 = np.arange(self.out.shape[0], dtype=np.intp)
+            self.weight = np.zeros(self.out.shape[0], dtype=np.float32)
         else:
-            self.i0, self.i1, self.weight = linear_weights(source_rows, out.shape[0])
+            self.i0, self.i1, self.weight = linear_weights(source_rows, self.out.shape[0])
         self.next_row = 0
         self.next_source = 0
         self.buffer: np.ndarray | None = None
         self.buffer_start = 0
         self.seconds = 0.0
-        # per label value - 1: [min, max) of each axis of ``out`` over the labels written so far
-        self.extent = np.zeros((max(0, classes - 1), 3, 2), dtype=np.int64)
-        self.extent[:, :, 0] = np.iinfo(np.int64).max
-        self.extent[:, :, 1] = np.iinfo(np.int64).min
 
     def _chunk_rows(self) -> int:
         source = self.buffer.shape[1] * self.buffer.shape[2] if self.buffer is not None else 1
@@ -319,7 +348,7 @@ class _RowMapper:
             stop = min(start + step, ready)
             labels = self._labels(start, stop)
             self.out[start:stop] = labels
-            self._grow_extent(labels, start)
+            self.components.add(start, labels)
             del labels
         self.next_row = max(self.next_row, ready)
         if self.next_row < len(self.i0):
@@ -330,29 +359,6 @@ class _RowMapper:
         else:
             self.buffer = None
         self.seconds += time.perf_counter() - started
-
-    def _grow_extent(self, labels: np.ndarray, offset: int) -> None:
-        for index, box in enumerate(find_objects(labels, max_label=len(self.extent))):
-            if box is not None:
-                low = [s.start for s in box]
-                high = [s.stop for s in box]
-                low[0] += offset
-                high[0] += offset
-                np.minimum(self.extent[index, :, 0], low, out=self.extent[index, :, 0])
-                np.maximum(self.extent[index, :, 1], high, out=self.extent[index, :, 1])
-
-    def boxes(self, axes: Sequence[int] = (0, 1, 2)) -> list[tuple[slice, ...] | None]:
-        """``find_objects`` of everything written, for the array whose axis ``axes[i]`` is ``out``'s axis ``i``."""
-        result: list[tuple[slice, ...] | None] = []
-        for extent in self.extent:
-            if extent[0, 0] > extent[0, 1]:
-                result.append(None)
-                continue
-            box: list[slice] = [slice(0)] * 3
-            for axis, (low, high) in zip(axes, extent):
-                box[axis] = slice(int(low), int(high))
-            result.append(tuple(box))
-        return result
 
     def _labels(self, start: int, stop: int) -> np.ndarray:
         if self.identity_rows:
@@ -414,12 +420,13 @@ def _segment_2d(
     specs: list[Mapping[str, Any]],
     stats: list[dict[str, float]],
     decide: Callable[[np.ndarray], np.ndarray],
+    tracked: list[int],
     clock: _Clock,
     options: SegmentOptions,
     batch_size: int,
     progress: ProgressFn | None,
     should_cancel: Callable[[], bool] | None,
-) -> list[tuple[slice, ...] | None]:
+) -> StreamedComponents:
     spatial = card.spatial
     axis = _SLICING_AXIS.get(getattr(spatial, "axis", None) or "axial")
     if axis is None:
@@ -440,7 +447,9 @@ def _segment_2d(
     slice_bytes = 4 * (plane[0] * plane[1] * (classes + 2 * channels) + rows * cols * (classes + channels))
     slab_size = max(STREAM_BUDGET_BYTES // slice_bytes, math.ceil(batch_size / per_slice), 1)
     slab_size = min(count, slab_size)
-    mapper = _RowMapper(count, out_slices, decide, classes)
+    axes = [axis] + [a for a in range(3) if a != axis]
+    components = StreamedComponents(out_slices, classes - 1, tracked, axes)
+    mapper = _RowMapper(count, components, decide, classes)
     divisible_by = int(getattr(spatial, "divisible_by", 1) or 1)
     _SlabStream(
         slabs, mapper, plane, patch, slab_size, specs, stats, clock, options, batch_size, divisible_by, per_slice,
@@ -448,7 +457,7 @@ def _segment_2d(
     ).run()
     mapper.check_complete()
     clock.seconds["stitch"] += mapper.seconds
-    return mapper.boxes([axis] + [a for a in range(3) if a != axis])
+    return components
 
 
 @dataclass
@@ -525,12 +534,13 @@ def _segment_3d(
     specs: list[Mapping[str, Any]],
     stats: list[dict[str, float]],
     decide: Callable[[np.ndarray], np.ndarray],
+    tracked: list[int],
     clock: _Clock,
     options: SegmentOptions,
     batch_size: int,
     progress: ProgressFn | None,
     should_cancel: Callable[[], bool] | None,
-) -> list[tuple[slice, ...] | None]:
+) -> StreamedComponents:
     spatial = card.spatial
     patch = tuple(int(p) for p in spatial.patch_size)
     if len(patch) != 3:
@@ -554,7 +564,8 @@ def _segment_3d(
     clock.seconds["preprocess"] += time.perf_counter() - start
 
     start, model_before = time.perf_counter(), clock.seconds["model"]
-    mapper = _RowMapper(model_shape[0], out, decide, classes)
+    components = StreamedComponents(out, classes - 1, tracked)
+    mapper = _RowMapper(model_shape[0], components, decide, classes)
     total_windows = len(window_grid(model_shape, patch, options.overlap))
     with _Background() as mapping:  # finished rows are mapped back while the next windows run
         sliding_window_3d(
@@ -573,7 +584,7 @@ def _segment_3d(
         mapping.wait()
     mapper.check_complete()
     clock.seconds["stitch"] += time.perf_counter() - start - (clock.seconds["model"] - model_before)
-    return mapper.boxes()
+    return components
 
 
 def segment_volumes(
@@ -616,6 +627,8 @@ def segment_volumes(
     config = {**dict(getattr(card, "postprocessing", None) or {}), **dict(options.postprocessing or {})}
     classes = int(card.num_classes)
     decide = decide_labels(config, card.labels, classes)
+    names = {int(label.value): label.name for label in card.labels}
+    tracked = component_labels(config, names, classes - 1)  # checks the post-processing options before any work
     mode = card.spatial.mode
     batch_size = int(options.batch_size or getattr(card.spatial, "batch_size", None) or DEFAULT_BATCH_SIZE[mode])
 
@@ -637,14 +650,15 @@ def segment_volumes(
         _report(progress, "preprocess", len(volumes), len(volumes))
 
     segment = _segment_2d if mode == "2d" else _segment_3d
-    boxes = segment(views, labels_view, spacing_zyx, card, specs, stats, decide, clock, options, batch_size, progress, should_cancel)
+    components = segment(
+        views, labels_view, spacing_zyx, card, specs, stats, decide, tracked, clock, options, batch_size, progress, should_cancel
+    )
     _report(progress, "stitch", 1, 1)
 
     _check_cancel(should_cancel)
     start = time.perf_counter()
     _report(progress, "postprocess", 0, 1)
-    names = {int(label.value): label.name for label in card.labels}
-    postprocess_in_place(labels_view, spacing_zyx, config, names, boxes=boxes)
+    postprocess_in_place(labels_view, spacing_zyx, config, names, components=components)
     clock.seconds["postprocess"] += time.perf_counter() - start
     _report(progress, "postprocess", 1, 1)
     if timings is not None:

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from .components import StreamedComponents
 from .errors import MedSegAIInputError
 from .threads import thread_count
 
-__all__ = ["POSTPROCESSING_KEYS", "postprocess", "postprocess_in_place"]
+__all__ = ["POSTPROCESSING_KEYS", "component_labels", "postprocess", "postprocess_in_place"]
 
 POSTPROCESSING_KEYS = ("method", "thresholds", "largest_component", "fill_holes", "min_island_mm3")
 
@@ -67,11 +68,12 @@ def _component_sizes(components: np.ndarray, count: int) -> np.ndarray:
     return sizes
 
 
-def _remove_small_islands(labels: np.ndarray, min_mm3: float, voxel_mm3: float) -> None:
-    for index, box in enumerate(_boxes(labels)):
+def _remove_small_islands(labels: np.ndarray, values: list[int], boxes: list[tuple[slice, ...] | None],
+                          min_mm3: float, voxel_mm3: float) -> None:
+    for value in values:
+        box = boxes[value - 1] if value <= len(boxes) else None
         if box is None:
             continue
-        value = index + 1
         region = labels[box]
         mask = region == value
         components, count = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
@@ -251,32 +253,8 @@ def postprocess(
     return result
 
 
-def postprocess_in_place(
-    labels: np.ndarray,
-    spacing: Sequence[float],
-    config: Mapping[str, Any] | None,
-    label_names: Mapping[int, str],
-    boxes: Sequence[tuple[slice, ...] | None] | None = None,
-) -> None:
-    """:func:`postprocess` writing into ``labels`` itself.
-
-    ``labels`` may be any writable view (strided, flipped, axes permuted): connectivity does not
-    depend on the axis order or direction, so a reoriented view gives the same result (up to which
-    of two equally large components is kept).
-
-    Args:
-        labels: 3D uint8 label map, modified in place.
-        spacing: voxel size in mm of its three axes, in any order (only the product is used).
-        config: as for :func:`postprocess`.
-        label_names: label value → name.
-        boxes: ``ndimage.find_objects(labels)`` when the caller already has it (saves a pass).
-    """
-    if not isinstance(labels, np.ndarray) or labels.ndim != 3:
-        raise ValueError(f"labels must be a 3D array, got shape {np.shape(labels)}")
-    if labels.dtype != np.uint8:
-        raise TypeError(f"labels must be uint8, got {labels.dtype}")
-    if len(spacing) != 3 or not all(float(s) > 0 for s in spacing):
-        raise ValueError(f"spacing must be 3 positive values (x, y, z), got {tuple(spacing)!r}")
+def _options(config: Mapping[str, Any] | None, label_names: Mapping[int, str]) -> tuple[float, list[int], list[int]]:
+    """``(min_island_mm3, largest_component values, fill_holes values)`` of a checked config."""
     config = dict(config or {})
     unknown = sorted(set(config) - set(POSTPROCESSING_KEYS))
     if unknown:
@@ -292,11 +270,63 @@ def postprocess_in_place(
         raise MedSegAIInputError(f"min_island_mm3 must be >= 0, got {min_island!r}")
     largest = _selected(config.get("largest_component"), "largest_component", label_names)
     holes = _selected(config.get("fill_holes"), "fill_holes", label_names)
+    return min_island, largest, holes
 
-    if min_island > 0:
-        voxel_mm3 = float(np.prod([float(s) for s in spacing]))
-        _remove_small_islands(labels, min_island, voxel_mm3)
-        boxes = None
+
+def component_labels(config: Mapping[str, Any] | None, label_names: Mapping[int, str], num_labels: int) -> list[int]:
+    """Label values whose connected components the config's post-processing needs.
+
+    Every label ``1 .. num_labels`` when ``min_island_mm3`` is set, else the ``largest_component``
+    ones. Checks the config like :func:`postprocess_in_place` (so a bad card fails before inference).
+    """
+    min_island, largest, _ = _options(config, label_names)
+    return list(range(1, num_labels + 1)) if min_island > 0 else largest
+
+
+def postprocess_in_place(
+    labels: np.ndarray,
+    spacing: Sequence[float],
+    config: Mapping[str, Any] | None,
+    label_names: Mapping[int, str],
+    boxes: Sequence[tuple[slice, ...] | None] | None = None,
+    components: StreamedComponents | None = None,
+) -> None:
+    """:func:`postprocess` writing into ``labels`` itself.
+
+    ``labels`` may be any writable view (strided, flipped, axes permuted): connectivity does not
+    depend on the axis order or direction, so a reoriented view gives the same result (up to which
+    of two equally large components is kept).
+
+    Args:
+        labels: 3D uint8 label map, modified in place.
+        spacing: voxel size in mm of its three axes, in any order (only the product is used).
+        config: as for :func:`postprocess`.
+        label_names: label value → name.
+        boxes: ``ndimage.find_objects(labels)`` when the caller already has it (saves a pass).
+        components: the components gathered while ``labels`` was written (a view of the same
+            memory, its axes in ``components.axes`` order): islands and largest components are
+            then removed without labelling the whole map again; ``boxes`` is ignored.
+    """
+    if not isinstance(labels, np.ndarray) or labels.ndim != 3:
+        raise ValueError(f"labels must be a 3D array, got shape {np.shape(labels)}")
+    if labels.dtype != np.uint8:
+        raise TypeError(f"labels must be uint8, got {labels.dtype}")
+    if len(spacing) != 3 or not all(float(s) > 0 for s in spacing):
+        raise ValueError(f"spacing must be 3 positive values (x, y, z), got {tuple(spacing)!r}")
+    if components is not None and not np.shares_memory(components.out, labels):
+        raise ValueError("components must have been gathered on a view of labels")
+    min_island, largest, holes = _options(config, label_names)
+    voxel_mm3 = float(np.prod([float(s) for s in spacing]))
+
+    if components is not None:
+        left = components.prune(min_island, largest, voxel_mm3)
+        boxes = components.boxes()
+        if min_island > 0:
+            _remove_small_islands(labels, sorted(left), boxes, min_island, voxel_mm3)
+        largest = [value for value in largest if value in left]
+    elif min_island > 0:
+        boxes = _boxes(labels)
+        _remove_small_islands(labels, list(range(1, len(boxes) + 1)), boxes, min_island, voxel_mm3)
     if not (largest or holes):
         return
     boxes = list(boxes) if boxes is not None else _boxes(labels)

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import SimpleITK as sitk
 from MedSegAILib import inference
+from MedSegAILib.components import StreamedComponents
 from MedSegAILib.errors import CancelledError, MedSegAIInputError
 from MedSegAILib.image import Volume
 from MedSegAILib.inference import (
@@ -21,6 +22,7 @@ from MedSegAILib.inference import (
     segment_volumes,
     upsample_argmax,
 )
+from MedSegAILib.postprocessing import postprocess
 from MedSegAILib.preprocessing import resample_axis_aligned
 from scipy import ndimage
 
@@ -175,6 +177,21 @@ def test_threshold_method_and_postprocessing_overrides(ct: Volume) -> None:
     np.testing.assert_array_equal(overridden.array, (components == largest).astype(np.uint8))
 
 
+@pytest.mark.parametrize("mode, axis", [("2d", "coronal"), ("2d", "axial"), ("3d", "axial")])
+def test_postprocessing_while_streaming_equals_postprocessing_the_result(ct: Volume, mode: str, axis: str) -> None:
+    """Islands, largest component and holes gathered during inference give what post-processing
+    the finished label map gives (the bone of the real CT has many components and holes)."""
+    config = {"largest_component": True, "fill_holes": True, "min_island_mm3": 30}
+    patch = (32, 32) if mode == "2d" else (16, 32, 32)
+    plain = segment_volumes([ct], make_card(mode, patch, axis=axis), threshold_network())
+    mask = plain.array == 1
+    assert ndimage.label(mask, structure=np.ones((3, 3, 3)))[1] > 1
+    expected = postprocess(plain.array, ct.spacing, config, {1: "bone"})
+    assert not np.array_equal(expected, plain.array)
+    result = segment_volumes([ct], make_card(mode, patch, axis=axis, postprocessing=config), threshold_network())
+    np.testing.assert_array_equal(result.array, expected)
+
+
 def test_decide_labels_threshold_picks_most_probable_passing_label() -> None:
     labels = [types.SimpleNamespace(name=n, value=v) for n, v in (("a", 1), ("b", 2))]
     decide = decide_labels({"method": "threshold", "thresholds": {"a": 0.3, "b": 0.6}}, labels, 3)
@@ -276,7 +293,8 @@ def test_3d_with_tta_and_odd_batches(ct: Volume) -> None:
 
 
 def test_streamed_mapping_back_equals_whole_volume_interpolation() -> None:
-    """Rows pushed in uneven pieces give exactly argmax(linear resampling of the whole array)."""
+    """Rows pushed in uneven pieces give exactly argmax(linear resampling of the whole array), and
+    the label boxes gathered on the way are those of the finished map."""
     rng = np.random.default_rng(3)
     logits = ndimage.gaussian_filter(rng.normal(size=(13, 20, 24, 4)), sigma=(1, 2, 2, 0)) * 20
     probabilities = np.exp(logits - logits.max(-1, keepdims=True))
@@ -284,13 +302,15 @@ def test_streamed_mapping_back_equals_whole_volume_interpolation() -> None:
     out_shape = (31, 17, 50)
     expected = np.argmax(resample_axis_aligned(probabilities, out_shape, order=1, axes=(0, 1, 2)), axis=-1)
     out = np.full(out_shape, 255, dtype=np.uint8)
-    mapper = _RowMapper(13, out, argmax_labels, 4)
+    components = StreamedComponents(out, 3)
+    mapper = _RowMapper(13, components, argmax_labels, 4)
     for first, stop in ((0, 1), (1, 5), (5, 6), (6, 13)):
         mapper.push(first, probabilities[first:stop].copy())
     mapper.check_complete()
     np.testing.assert_array_equal(out, expected)
+    assert components.boxes() == ndimage.find_objects(out, max_label=3)
     with pytest.raises(ValueError, match="in order"):
-        _RowMapper(13, out, argmax_labels, 4).push(2, probabilities[2:4].copy())
+        _RowMapper(13, StreamedComponents(out, 3), argmax_labels, 4).push(2, probabilities[2:4].copy())
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
