@@ -21,7 +21,7 @@ from collections.abc import Collection, Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["StreamedComponents"]
+__all__ = ["StreamedComponents", "distinct_pairs"]
 
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 # More pieces than this of one label in one chunk (speckle): that label is left to the caller.
@@ -169,7 +169,7 @@ class StreamedComponents:
         first_of: dict[int, int] = {}
         for (ids, base), spot in zip(((low_ids, low_base), (high_ids, high_base)), spots):
             inside = ids > 0
-            for component, local in _distinct_pairs(joint[spot][inside], ids[inside], count):
+            for component, local in distinct_pairs(joint[spot][inside], ids[inside], count):
                 piece = base + local - 1
                 self._union(first_of.setdefault(component, piece), piece)
 
@@ -259,7 +259,7 @@ class StreamedComponents:
         return result
 
 
-def _distinct_pairs(first: np.ndarray, second: np.ndarray, first_count: int) -> list[tuple[int, int]]:
+def distinct_pairs(first: np.ndarray, second: np.ndarray, first_count: int) -> list[tuple[int, int]]:
     """The distinct ``(first[i], second[i])`` pairs of two non-negative int arrays."""
     if first.size == 0:
         return []

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .components import StreamedComponents
+from .components import StreamedComponents, distinct_pairs
 from .errors import MedSegAIInputError
 from .threads import thread_count
 
@@ -51,8 +51,10 @@ def _boxes(labels: np.ndarray) -> list[tuple[slice, ...] | None]:
 
 
 _COUNT_CHUNK = 1 << 20
-# Below this many bounding-box voxels in all, largest_component runs on one thread.
+# Below this many bounding-box voxels in all, largest_component and fill_holes run on one thread.
 _PARALLEL_VOXELS = 4_000_000
+# Over this many voxels, a label's box is searched for holes in two halves on parallel threads.
+_SPLIT_VOXELS = 8_000_000
 
 
 def _component_sizes(components: np.ndarray, count: int) -> np.ndarray:
@@ -192,34 +194,104 @@ def _fill_holes(labels: np.ndarray, values: list[int], boxes: list[tuple[slice, 
     """Any box holding all of a label's voxels gives the same holes (regions not reaching its border).
 
     Filling turns background into a label, which no other label's "not me" mask notices, so the
-    holes of all labels are found first (on parallel threads for big boxes) and then filled one
-    label after another, only where the voxel is still background: the same result as finding and
-    filling label after label.
+    holes of all labels are found first (on parallel threads for big boxes; a box over
+    ``_SPLIT_VOXELS`` is searched in two halves joined at their seam, so that one big organ keeps
+    both cores busy) and then filled one label after another, only where the voxel is still
+    background: the same result as finding and filling label after label.
     """
-    todo, found = _per_label(lambda value: _holes(labels[boxes[value - 1]] != value), values, boxes)
-    for value, holes in zip(todo, found):
-        if holes is not None:
-            region = labels[boxes[value - 1]]
-            region[holes & (region == 0)] = value
+    todo = [value for value in values if value <= len(boxes) and boxes[value - 1] is not None]
+    threads = thread_count()
+    parts: list[tuple[int, int, int]] = []  # (value, half: -1 whole / 0 / 1, voxels)
+    for value in todo:
+        box = boxes[value - 1]
+        voxels = int(np.prod([s.stop - s.start for s in box]))
+        split = threads > 1 and voxels > _SPLIT_VOXELS and box[0].stop - box[0].start > 1
+        parts += [(value, 0, voxels // 2), (value, 1, voxels // 2)] if split else [(value, -1, voxels)]
+    parts.sort(key=lambda part: -part[2])
+
+    def search(part: tuple[int, int, int]) -> tuple[np.ndarray, int, np.ndarray]:
+        value, half, _ = part
+        return _outside_components(_half(labels[boxes[value - 1]], half) != value, half)
+
+    if threads > 1 and sum(part[2] for part in parts) > _PARALLEL_VOXELS:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(threads, len(parts))) as pool:
+            found = dict(zip([part[:2] for part in parts], pool.map(search, parts)))
+    else:
+        found = {part[:2]: search(part) for part in parts}
+    for value in todo:
+        region = labels[boxes[value - 1]]
+        if (value, -1) in found:
+            pieces = [(region, _holes(*found[value, -1]))]
+        else:
+            low, high = found[value, 0], found[value, 1]
+            pieces = list(zip((_half(region, 0), _half(region, 1)), _joined_holes(low, high)))
+        for part, holes in pieces:
+            if holes is not None:
+                part[holes & (part == 0)] = value
 
 
-def _holes(outside: np.ndarray) -> np.ndarray | None:
-    """Voxels of ``outside`` (6-connected regions) that do not reach the array border, or None.
+def _half(region: np.ndarray, half: int) -> np.ndarray:
+    """``region`` (half -1), or its first (0) or second (1) half along axis 0."""
+    if half < 0:
+        return region
+    middle = region.shape[0] // 2
+    return region[:middle] if half == 0 else region[middle:]
+
+
+def _outside_components(outside: np.ndarray, half: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """6-connected components of ``outside`` and which of them reach the border of the whole box.
+
+    For a half (0 or 1) the face it shares with the other half is not the box's border.
+    """
+    components, count = ndimage.label(outside)
+    touching = np.zeros(count + 1, dtype=bool)
+    for axis in range(components.ndim):
+        for end in (0, -1):
+            if axis == 0 and (half, end) in ((0, -1), (1, 0)):
+                continue
+            touching[np.take(components, end, axis=axis)] = True
+    touching[0] = True
+    return components, count, touching
+
+
+def _holes(components: np.ndarray, count: int, touching: np.ndarray) -> np.ndarray | None:
+    """Voxels of components that do not reach the border, or None when there are none.
 
     Same result as ``binary_fill_holes(~outside) & outside`` but one labelling pass instead of an
     iterative dilation (seconds → tenths of a second on a 512² × 200 organ box).
     """
-    components, count = ndimage.label(outside)
-    if count == 0:
-        return None
-    touching = np.zeros(count + 1, dtype=bool)
-    for axis in range(components.ndim):
-        for end in (0, -1):
-            touching[np.take(components, end, axis=axis)] = True
-    touching[0] = True
-    if touching.all():
+    if count == 0 or touching.all():
         return None
     return ~touching[components]
+
+
+def _joined_holes(low: tuple[np.ndarray, int, np.ndarray], high: tuple[np.ndarray, int, np.ndarray]) -> list[np.ndarray | None]:
+    """Holes of the two halves of a box: components that meet at the seam are one region."""
+    (low_components, low_count, low_touching), (high_components, high_count, high_touching) = low, high
+    parent = list(range(low_count + high_count + 1))  # low component i is node i, high j is low_count + j
+
+    def find(node: int) -> int:
+        while parent[node] != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    below, above = low_components[-1], high_components[0]
+    meet = (below > 0) & (above > 0)  # 6-connectivity across the seam: the same in-plane position
+    for a, b in distinct_pairs(below[meet], above[meet], low_count):
+        root_a, root_b = find(a), find(low_count + b)
+        if root_a != root_b:
+            parent[max(root_a, root_b)] = min(root_a, root_b)
+    roots = np.array([find(node) for node in range(len(parent))], dtype=np.intp)
+    touching = np.zeros(len(parent), dtype=bool)
+    np.logical_or.at(touching, roots, np.concatenate([low_touching, high_touching[1:]]))
+    touching = touching[roots]
+    touching[0] = True
+    low_touching = touching[: low_count + 1]
+    high_touching = np.concatenate([[True], touching[low_count + 1 :]])
+    return [_holes(low_components, low_count, low_touching), _holes(high_components, high_count, high_touching)]
 
 
 def postprocess(

@@ -184,3 +184,40 @@ def test_in_place_on_a_reoriented_view_equals_postprocess(labels, names) -> None
     flipped = labels[::-1, ::-1].copy()
     postprocess_in_place(flipped, SPACING, config, names)
     np.testing.assert_array_equal(flipped[::-1, ::-1], expected)
+
+
+def _fill_holes_split_and_whole(labels: np.ndarray, config: dict, names: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
+    """Holes filled by one search per box, and by two half-box searches joined at the seam."""
+    from unittest import mock
+
+    from MedSegAILib import postprocessing
+
+    with mock.patch.dict("os.environ", {"MEDSEGAI_THREADS": "1"}):
+        whole = postprocess(labels, SPACING, config, names)
+    with mock.patch.dict("os.environ", {"MEDSEGAI_THREADS": "2"}), mock.patch.object(postprocessing, "_SPLIT_VOXELS", 0):
+        split = postprocess(labels, SPACING, config, names)
+    return whole, split
+
+
+def test_holes_searched_in_two_halves_equal_one_search(labels, names) -> None:
+    injected = labels.copy()
+    liver = np.argwhere(labels == LIVER)
+    middle = liver[len(liver) // 2]
+    injected[middle[0] - 1 : middle[0] + 1, middle[1] - 1 : middle[1] + 2, middle[2] - 1 : middle[2] + 2] = 0  # across a seam
+    whole, split = _fill_holes_split_and_whole(injected, {"fill_holes": True}, names)
+    np.testing.assert_array_equal(split, whole)
+    assert (whole[tuple(middle)] == LIVER) and not np.array_equal(whole, injected)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    shape=st.tuples(st.integers(2, 10), st.integers(1, 10), st.integers(1, 10)),
+    density=st.floats(0.3, 0.95),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_split_hole_search_equals_one_search_on_random_maps(shape, density, seed) -> None:
+    """Shells of two labels with cavities that cross the seam, open to it, or touch the far faces."""
+    rng = np.random.default_rng(seed)
+    labels = np.where(rng.random(shape) < density, rng.integers(1, 3, size=shape), 0).astype(np.uint8)
+    whole, split = _fill_holes_split_and_whole(labels, {"fill_holes": True}, {1: "a", 2: "b"})
+    np.testing.assert_array_equal(split, whole)
