@@ -16,6 +16,7 @@ gives), which hole filling needs.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Collection, Sequence
 
 import numpy as np
@@ -24,8 +25,11 @@ from scipy import ndimage
 __all__ = ["StreamedComponents", "distinct_pairs"]
 
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
-# More pieces than this of one label in one chunk (speckle): that label is left to the caller.
+# More pieces than this of one label in one chunk, or in all (speckle): that label is left to the caller.
 _MAX_PIECES_PER_CHUNK = 2048
+_MAX_PIECES_PER_LABEL = 20_000
+# Per piece, in ``_data``: label value, voxel count, box (z0, z1, y0, y1, x0, x1), first voxel (z, y, x).
+_FIELDS = 11
 # Pair keys (joint component × piece) up to this many are deduplicated with a bincount.
 _BINCOUNT_KEYS = 1 << 22
 
@@ -62,12 +66,10 @@ class StreamedComponents:
         self._extent = np.zeros((self.num_labels, 3, 2), dtype=np.int64)
         self._extent[:, :, 0] = np.iinfo(np.int64).max
         self._extent[:, :, 1] = np.iinfo(np.int64).min
-        # one entry per piece (a component of one label inside one chunk)
-        self._parent: list[int] = []
-        self._value: list[int] = []
-        self._size: list[int] = []
-        self._box: list[tuple[int, int, int, int, int, int]] = []
-        self._seed: list[tuple[int, int, int]] = []
+        # one entry per piece (a component of one label inside one chunk), as compact int64 arrays
+        self._parent = array("q")
+        self._data = array("q")
+        self._pieces_of = np.zeros(self.num_labels + 1, dtype=np.int64)
         # per label: the pieces on the last plane written
         self._last: dict[int, _Plane] = {}
 
@@ -92,7 +94,8 @@ class StreamedComponents:
                 continue
             mask = rows[box] == value
             pieces, count = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
-            if count > _MAX_PIECES_PER_CHUNK:
+            self._pieces_of[value] += count
+            if count > _MAX_PIECES_PER_CHUNK or self._pieces_of[value] > _MAX_PIECES_PER_LABEL:
                 self.overflow.add(value)
                 continue
             base = len(self._parent)
@@ -110,10 +113,8 @@ class StreamedComponents:
         """Record one piece: its voxel count, box ``[low, high)`` and ``top``, its box's first plane."""
         y, x = np.unravel_index(int(np.argmax(top)), top.shape)  # its first voxel in C order
         self._parent.append(len(self._parent))
-        self._value.append(value)
-        self._size.append(size)
-        self._box.append((int(low[0]), int(high[0]), int(low[1]), int(high[1]), int(low[2]), int(high[2])))
-        self._seed.append((int(low[0]), int(low[1]) + int(y), int(low[2]) + int(x)))
+        self._data.extend((value, size, int(low[0]), int(high[0]), int(low[1]), int(high[1]), int(low[2]), int(high[2]),
+                           int(low[0]), int(low[1]) + int(y), int(low[2]) + int(x)))
 
     def _record(self, pieces: np.ndarray, count: int, value: int, origin: np.ndarray) -> None:
         """Record the ``count`` pieces labelled in ``pieces``, whose box starts at ``origin`` in ``out``."""
@@ -196,9 +197,10 @@ class StreamedComponents:
         if not todo or not self._parent:
             return skipped
         roots = np.array([self._find(piece) for piece in range(len(self._parent))], dtype=np.int64)
-        values = np.array(self._value, dtype=np.int64)
-        sizes = np.bincount(roots, weights=np.array(self._size, dtype=np.int64), minlength=len(roots)).astype(np.int64)
-        seeds = np.ravel_multi_index(np.array(self._seed, dtype=np.int64).T, self.out.shape)
+        data = np.frombuffer(self._data, dtype=np.int64).reshape(-1, _FIELDS)
+        values = data[:, 0]
+        sizes = np.bincount(roots, weights=data[:, 1], minlength=len(roots)).astype(np.int64)
+        seeds = np.ravel_multi_index(tuple(data[:, 8:11].T), self.out.shape)
         first_voxel = np.full(len(roots), np.iinfo(np.int64).max, dtype=np.int64)
         np.minimum.at(first_voxel, roots, seeds)
         largest = {int(v) for v in largest}
@@ -220,15 +222,13 @@ class StreamedComponents:
         return skipped
 
     def _erase(self, piece: int) -> None:
-        z0, z1, y0, y1, x0, x1 = self._box[piece]
-        value = self._value[piece]
+        value, size, z0, z1, y0, y1, x0, x1, *seed = self._data[piece * _FIELDS : (piece + 1) * _FIELDS]
         region = self.out[z0:z1, y0:y1, x0:x1]
         mask = region == value
-        if int(np.count_nonzero(mask)) == self._size[piece]:  # nothing else of this label in its box
+        if int(np.count_nonzero(mask)) == size:  # nothing else of this label in its box
             region[mask] = 0
             return
         components, _ = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
-        seed = self._seed[piece]
         region[components == components[seed[0] - z0, seed[1] - y0, seed[2] - x0]] = 0
 
     def _shrink_extent(self, value: int, kept: np.ndarray) -> None:
@@ -237,7 +237,7 @@ class StreamedComponents:
             extent[:, 0] = np.iinfo(np.int64).max
             extent[:, 1] = np.iinfo(np.int64).min
             return
-        boxes = np.array([self._box[piece] for piece in kept], dtype=np.int64).reshape(-1, 3, 2)
+        boxes = np.frombuffer(self._data, dtype=np.int64).reshape(-1, _FIELDS)[kept, 2:8].reshape(-1, 3, 2)
         extent[:, 0] = boxes[:, :, 0].min(axis=0)
         extent[:, 1] = boxes[:, :, 1].max(axis=0)
 

@@ -193,43 +193,38 @@ def _keep_largest(labels: np.ndarray, values: list[int], boxes: list[tuple[slice
 def _fill_holes(labels: np.ndarray, values: list[int], boxes: list[tuple[slice, ...] | None]) -> None:
     """Any box holding all of a label's voxels gives the same holes (regions not reaching its border).
 
-    Filling turns background into a label, which no other label's "not me" mask notices, so the
-    holes of all labels are found first (on parallel threads for big boxes; a box over
-    ``_SPLIT_VOXELS`` is searched in two halves joined at their seam, so that one big organ keeps
-    both cores busy) and then filled one label after another, only where the voxel is still
-    background: the same result as finding and filling label after label.
+    Filling turns background into a label, which no other label's "not me" mask notices, so
+    filling the holes of one label before finding those of the next gives the same result as
+    finding all first. A box over ``_SPLIT_VOXELS`` is searched in two halves on parallel threads,
+    joined at their seam, so that one big organ keeps both cores busy (one such label at a time:
+    its int32 components are the biggest arrays here); the other labels' holes are found on
+    parallel threads when their boxes are big, then filled.
     """
     todo = [value for value in values if value <= len(boxes) and boxes[value - 1] is not None]
     threads = thread_count()
-    parts: list[tuple[int, int, int]] = []  # (value, half: -1 whole / 0 / 1, voxels)
-    for value in todo:
-        box = boxes[value - 1]
-        voxels = int(np.prod([s.stop - s.start for s in box]))
-        split = threads > 1 and voxels > _SPLIT_VOXELS and box[0].stop - box[0].start > 1
-        parts += [(value, 0, voxels // 2), (value, 1, voxels // 2)] if split else [(value, -1, voxels)]
-    parts.sort(key=lambda part: -part[2])
-
-    def search(part: tuple[int, int, int]) -> tuple[np.ndarray, int, np.ndarray]:
-        value, half, _ = part
-        return _outside_components(_half(labels[boxes[value - 1]], half) != value, half)
-
-    if threads > 1 and sum(part[2] for part in parts) > _PARALLEL_VOXELS:
+    halved = [value for value in todo if threads > 1 and _voxels(boxes[value - 1]) > _SPLIT_VOXELS
+              and boxes[value - 1][0].stop - boxes[value - 1][0].start > 1]
+    for value in halved:
+        region = labels[boxes[value - 1]]
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=min(threads, len(parts))) as pool:
-            found = dict(zip([part[:2] for part in parts], pool.map(search, parts)))
-    else:
-        found = {part[:2]: search(part) for part in parts}
-    for value in todo:
-        region = labels[boxes[value - 1]]
-        if (value, -1) in found:
-            pieces = [(region, _holes(*found[value, -1]))]
-        else:
-            low, high = found[value, 0], found[value, 1]
-            pieces = list(zip((_half(region, 0), _half(region, 1)), _joined_holes(low, high)))
-        for part, holes in pieces:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            low, high = pool.map(lambda half: _outside_components(_half(region, half) != value, half), (0, 1))
+        for half, holes in enumerate(_joined_holes(low, high)):
             if holes is not None:
+                part = _half(region, half)
                 part[holes & (part == 0)] = value
+        del low, high
+    rest = [value for value in todo if value not in halved]
+    found_for, found = _per_label(lambda value: _holes(*_outside_components(labels[boxes[value - 1]] != value, -1)), rest, boxes)
+    for value, holes in zip(found_for, found):
+        if holes is not None:
+            region = labels[boxes[value - 1]]
+            region[holes & (region == 0)] = value
+
+
+def _voxels(box: tuple[slice, ...]) -> int:
+    return int(np.prod([s.stop - s.start for s in box]))
 
 
 def _half(region: np.ndarray, half: int) -> np.ndarray:

@@ -94,8 +94,10 @@ def test_labels_only_boxed_are_left_to_the_caller(labels, names) -> None:
     np.testing.assert_array_equal(target, reference(labels, 0, config, names))
 
 
-def test_speckle_beyond_the_piece_limit_falls_back_to_the_whole_map(monkeypatch, labels, names) -> None:
-    monkeypatch.setattr(components_module, "_MAX_PIECES_PER_CHUNK", 2)
+@pytest.mark.parametrize("limit", ["_MAX_PIECES_PER_CHUNK", "_MAX_PIECES_PER_LABEL"])
+def test_speckle_beyond_the_piece_limit_falls_back_to_the_whole_map(monkeypatch, labels, names, limit) -> None:
+    """Past the limits (which bound the stream's memory and time) a label is done on the finished map."""
+    monkeypatch.setattr(components_module, limit, 2)
     num_labels = int(labels.max())
     config = {"largest_component": True, "min_island_mm3": 60}
     target, found = stream(labels, 1, [7], component_labels(config, names, num_labels), num_labels)

@@ -221,3 +221,24 @@ def test_split_hole_search_equals_one_search_on_random_maps(shape, density, seed
     labels = np.where(rng.random(shape) < density, rng.integers(1, 3, size=shape), 0).astype(np.uint8)
     whole, split = _fill_holes_split_and_whole(labels, {"fill_holes": True}, {1: "a", 2: "b"})
     np.testing.assert_array_equal(split, whole)
+
+
+def test_split_hole_search_holds_one_labels_components_at_a_time() -> None:
+    """Four speckled labels whose boxes span the map: the int32 components of one label (4 bytes per
+    voxel) at a time, not of all four (16+), whatever the thread count."""
+    import tracemalloc
+    from unittest import mock
+
+    from MedSegAILib import postprocessing
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=(24, 128, 128)).astype(np.uint8)
+    config = {"fill_holes": True}
+    with mock.patch.dict("os.environ", {"MEDSEGAI_THREADS": "2"}), mock.patch.object(postprocessing, "_SPLIT_VOXELS", 0):
+        tracemalloc.start()
+        try:
+            postprocess_in_place(labels, SPACING, config, {1: "a", 2: "b", 3: "c", 4: "d"})
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 8 * labels.size, f"peak {peak / labels.size:.1f} bytes per voxel"
