@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .components import StreamedComponents, distinct_pairs
+from .components import StreamedComponents, component_sizes, distinct_pairs
 from .errors import MedSegAIInputError
 from .threads import thread_count
 
@@ -50,24 +50,10 @@ def _boxes(labels: np.ndarray) -> list[tuple[slice, ...] | None]:
     return ndimage.find_objects(labels)
 
 
-_COUNT_CHUNK = 1 << 20
 # Below this many bounding-box voxels in all, largest_component and fill_holes run on one thread.
 _PARALLEL_VOXELS = 4_000_000
 # Over this many voxels, a label's box is searched for holes in two halves on parallel threads.
 _SPLIT_VOXELS = 8_000_000
-
-
-def _component_sizes(components: np.ndarray, count: int) -> np.ndarray:
-    """Voxel count of each component label ``0..count`` (int64).
-
-    ``np.bincount`` converts its input to intp first; counting in 1 Mi-voxel chunks keeps that
-    copy small and in cache (about 4x faster on a 512² × 200 box).
-    """
-    flat = components.reshape(-1)
-    sizes = np.zeros(count + 1, dtype=np.int64)
-    for start in range(0, flat.size, _COUNT_CHUNK):
-        sizes += np.bincount(flat[start : start + _COUNT_CHUNK], minlength=count + 1)
-    return sizes
 
 
 def _remove_small_islands(labels: np.ndarray, values: list[int], boxes: list[tuple[slice, ...] | None],
@@ -81,7 +67,7 @@ def _remove_small_islands(labels: np.ndarray, values: list[int], boxes: list[tup
         components, count = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
         if count == 0:
             continue
-        sizes = _component_sizes(components, count)
+        sizes = component_sizes(components, count)
         small = sizes * voxel_mm3 < min_mm3
         small[0] = False
         if small.any():
@@ -138,7 +124,7 @@ def _largest_component(mask: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray,
         if found == 1:
             size, component = int(bound[index]), inside
         else:
-            sizes = _component_sizes(components, found)
+            sizes = component_sizes(components, found)
             sizes[0] = 0
             largest = int(np.argmax(sizes))
             size, component = int(sizes[largest]), components == largest
