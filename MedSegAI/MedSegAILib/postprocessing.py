@@ -10,6 +10,7 @@ result as on the whole volume.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -161,8 +162,6 @@ def _per_label(task: Callable[[int], Any], values: list[int], boxes: list[tuple[
     big = sum(int(np.prod([s.stop - s.start for s in boxes[v - 1]])) for v in todo) > _PARALLEL_VOXELS
     if workers <= 1 or not big:
         return todo, [task(value) for value in todo]
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return todo, list(pool.map(task, todo))
 
@@ -192,8 +191,6 @@ def _fill_holes(labels: np.ndarray, values: list[int], boxes: list[tuple[slice, 
               and boxes[value - 1][0].stop - boxes[value - 1][0].start > 1]
     for value in halved:
         region = labels[boxes[value - 1]]
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(max_workers=2) as pool:
             low, high = pool.map(lambda half: _outside_components(_half(region, half) != value, half), (0, 1))
         for half, holes in enumerate(_joined_holes(low, high)):
