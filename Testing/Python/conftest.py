@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +34,25 @@ def ct_small(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def ct_small_labels(shared_data: Path) -> Path:
     return shared_data / "ct-abdomen" / "example_seg.nii.gz"
+
+
+@pytest.fixture(scope="session")
+def ct_small_label_map(ct_small_labels: Path) -> np.ndarray:
+    """``example_seg.nii.gz`` as a read-only uint8 ``(z, y, x)`` array (TotalSegmentator ids, 3 mm voxels)."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(ct_small_labels))
+    assert image.GetSpacing() == pytest.approx((3.0, 3.0, 3.0))
+    array = sitk.GetArrayFromImage(image).astype(np.uint8)
+    array.flags.writeable = False
+    return array
+
+
+@pytest.fixture(scope="session")
+def total_ct_label_names(shared_data: Path) -> dict[int, str]:
+    """TotalSegmentator label value -> name of the CT examples (``ct-abdomen/total_ct_labels.json``), background left out."""
+    table = json.loads((shared_data / "ct-abdomen" / "total_ct_labels.json").read_text())
+    return {int(k): str(v) for k, v in table.items() if int(k) > 0}
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,9 @@ so every comparison runs the reference on the same (moved-axis) view the stream 
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from MedSegAILib import components as components_module
@@ -24,11 +22,9 @@ SPACING = (3.0, 3.0, 3.0)  # example_seg.nii.gz: 27 mm³ per voxel
 
 
 @pytest.fixture(scope="module")
-def labels(ct_small_labels) -> np.ndarray:
+def labels(ct_small_label_map) -> np.ndarray:
     """The real TotalSegmentator label map of the small CT, with islands and a hole put in."""
-    image = sitk.ReadImage(str(ct_small_labels))
-    assert image.GetSpacing() == pytest.approx(SPACING)
-    array = sitk.GetArrayFromImage(image).astype(np.uint8)
+    array = ct_small_label_map.copy()
     liver = 5
     z, y, x = (int(np.median(axis)) for axis in np.nonzero(array == liver))
     array[z - 1 : z + 2, y - 1 : y + 2, x - 1 : x + 2] = 0  # a hole inside the liver
@@ -38,9 +34,8 @@ def labels(ct_small_labels) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def names(shared_data) -> dict[int, str]:
-    table = json.loads((shared_data / "ct-abdomen" / "total_ct_labels.json").read_text())
-    return {int(k): str(v) for k, v in table.items() if int(k) > 0}
+def names(total_ct_label_names) -> dict[int, str]:
+    return total_ct_label_names
 
 
 def stream(labels: np.ndarray, axis: int, sizes: list[int], tracked: list[int], num_labels: int) -> tuple[np.ndarray, StreamedComponents]:

@@ -4,7 +4,6 @@ brain MRI and abdomen CT from ../shared/data."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -131,11 +130,12 @@ def test_3d_preprocessing_equals_what_the_engine_feeds_the_network(brain_study: 
     np.testing.assert_allclose(recorder.batches[0][0], image, rtol=0, atol=1e-6)
 
 
-def test_label_preprocessing_maps_a_subset_of_totalsegmentator_ids(shared_data: Path, tmp_path: Path) -> None:
+def test_label_preprocessing_maps_a_subset_of_totalsegmentator_ids(
+    shared_data: Path, tmp_path: Path, total_ct_label_names: dict[int, str]
+) -> None:
     ct = read_volume(shared_data / "ct-abdomen" / "example_ct_sm.nii.gz")
     seg = read_volume(shared_data / "ct-abdomen" / "example_seg.nii.gz")
-    names = json.loads((shared_data / "ct-abdomen" / "total_ct_labels.json").read_text())
-    dataset_labels = {"background": 0, **{name: int(value) for value, name in names.items()}}
+    dataset_labels = {"background": 0, **{name: value for value, name in total_ct_label_names.items()}}
     config = _config(
         channels=[{"name": "CT", "normalization": {"method": "ct", "clip": [-200, 300], "fit": True}}],
         labels=[{"name": "liver", "value": 1, "source": [5]}, {"name": "spleen", "value": 2, "source": [1],

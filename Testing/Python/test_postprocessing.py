@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from MedSegAILib.errors import MedSegAIInputError
@@ -22,18 +20,14 @@ LIVER, SPLEEN, AORTA, STOMACH = 5, 1, 52, 6
 
 
 @pytest.fixture(scope="module")
-def labels(ct_small_labels) -> np.ndarray:
-    image = sitk.ReadImage(str(ct_small_labels))
-    assert image.GetSpacing() == pytest.approx(SPACING)
-    return sitk.GetArrayFromImage(image).astype(np.uint8)
+def labels(ct_small_label_map) -> np.ndarray:
+    return ct_small_label_map
 
 
 @pytest.fixture(scope="module")
-def names(shared_data) -> dict[int, str]:
-    table = json.loads((shared_data / "ct-abdomen" / "total_ct_labels.json").read_text())
-    result = {int(k): str(v) for k, v in table.items() if int(k) > 0}
-    assert result[LIVER] == "liver" and result[SPLEEN] == "spleen"
-    return result
+def names(total_ct_label_names) -> dict[int, str]:
+    assert total_ct_label_names[LIVER] == "liver" and total_ct_label_names[SPLEEN] == "spleen"
+    return total_ct_label_names
 
 
 @pytest.fixture(scope="module")
