@@ -151,6 +151,10 @@ def _keep_largest_one(labels: np.ndarray, value: int, boxes: list[tuple[slice, .
     boxes[value - 1] = tuple(slice(outer.start + mid.start, outer.start + mid.stop) for outer, mid in zip(box, inner))
 
 
+def _voxels(box: tuple[slice, ...]) -> int:
+    return int(np.prod([s.stop - s.start for s in box]))
+
+
 def _per_label(task: Callable[[int], Any], values: list[int], boxes: list[tuple[slice, ...] | None]) -> tuple[list[int], list[Any]]:
     """``task(value)`` for each listed label that is present; (those labels, the results in order).
 
@@ -159,7 +163,7 @@ def _per_label(task: Callable[[int], Any], values: list[int], boxes: list[tuple[
     """
     todo = [value for value in values if value <= len(boxes) and boxes[value - 1] is not None]
     workers = min(len(todo), thread_count())
-    big = sum(int(np.prod([s.stop - s.start for s in boxes[v - 1]])) for v in todo) > _PARALLEL_VOXELS
+    big = sum(_voxels(boxes[v - 1]) for v in todo) > _PARALLEL_VOXELS
     if workers <= 1 or not big:
         return todo, [task(value) for value in todo]
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -204,10 +208,6 @@ def _fill_holes(labels: np.ndarray, values: list[int], boxes: list[tuple[slice, 
         if holes is not None:
             region = labels[boxes[value - 1]]
             region[holes & (region == 0)] = value
-
-
-def _voxels(box: tuple[slice, ...]) -> int:
-    return int(np.prod([s.stop - s.start for s in box]))
 
 
 def _half(region: np.ndarray, half: int) -> np.ndarray:
