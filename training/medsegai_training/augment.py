@@ -271,8 +271,8 @@ def _geometric(image: Any, label: Any, cfg: dict[str, Any], seeds: Any, nd: int)
                 signs.append(tf.where(do, -1.0, 1.0))
             else:
                 signs.append(tf.constant(1.0))
-        matrix = tf.linalg.diag(tf.stack(signs)) @ matrix
         flip_signs = tf.stack(signs)
+        matrix = tf.linalg.diag(flip_signs) @ matrix
     else:
         flip_signs = tf.ones([nd])
 
