@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import mmap
 import os
 import secrets
 import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +41,8 @@ SUPPORTED_SUFFIXES: tuple[str, ...] = (".nrrd", ".nii", ".nii.gz", ".mha", ".mhd
 WRITABLE_SUFFIXES: tuple[str, ...] = (".nrrd", ".nii", ".nii.gz", ".mha")
 """File name endings :func:`write_volume` writes (``.mhd`` needs a second data file, so not atomic)."""
 
+# NRRD fields that move the voxels away from "right after the header, packed": not memory-mapped
+_NRRD_LAYOUT_FIELDS = {"data file", "datafile", "line skip", "lineskip", "byte skip", "byteskip"}
 _COMPOUND_SUFFIXES = (".seg.nrrd", ".nii.gz", ".tar.gz")
 _EXPECTED = "a 3D scalar (grey-value) volume"
 
@@ -189,16 +194,71 @@ def _read_image_file(path: Path) -> Volume:
     )
     if full_suffix(path) in (".nii", ".nii.gz") and not _nifti_is_complete(path):
         raise truncated
-    try:
-        image = reader.Execute()
-    except RuntimeError as e:
-        raise truncated from e
-    if squeeze:
-        image = sitk.Extract(image, list(size[:3]) + [0], [0, 0, 0, 0])
-    volume = Volume.from_sitk(image)
+    mapped = None if squeeze else _mapped_raw_nrrd(path, reader)
+    if mapped is not None:
+        volume = Volume(mapped, reader.GetSpacing(), reader.GetOrigin(), np.array(reader.GetDirection()).reshape(3, 3))
+    else:
+        try:
+            image = reader.Execute()
+        except RuntimeError as e:
+            raise truncated from e
+        if squeeze:
+            image = sitk.Extract(image, list(size[:3]) + [0], [0, 0, 0, 0])
+        volume = Volume.from_sitk(image)
     if not np.all(np.isfinite(volume.direction)) or abs(np.linalg.det(volume.direction)) < 1e-6:
         raise MedSegAIInputError(f"{path} has an invalid orientation (direction) matrix; fix the file header.")
     return volume
+
+
+def _numpy_dtype(pixel_id: int) -> np.dtype | None:
+    """The numpy type of a scalar SimpleITK pixel type, or None."""
+    import SimpleITK as sitk
+
+    types = {
+        sitk.sitkUInt8: np.uint8, sitk.sitkInt8: np.int8, sitk.sitkUInt16: np.uint16, sitk.sitkInt16: np.int16,
+        sitk.sitkUInt32: np.uint32, sitk.sitkInt32: np.int32, sitk.sitkUInt64: np.uint64, sitk.sitkInt64: np.int64,
+        sitk.sitkFloat32: np.float32, sitk.sitkFloat64: np.float64,
+    }  # fmt: skip
+    found = types.get(pixel_id)
+    return None if found is None else np.dtype(found)
+
+
+def _mapped_raw_nrrd(path: Path, reader: Any) -> np.ndarray | None:
+    """The voxels of an uncompressed single-file 3D NRRD, memory-mapped read-only, or None.
+
+    Mapping costs no read and no copy: pages are read when the engine first touches them (slab
+    by slab, while the network runs) and are shared with the page cache. Only the plain layout
+    is mapped (attached header, ``raw`` encoding, native byte order, no skips, scalar voxels of
+    the type ITK reports, the file exactly header + voxels long); anything else returns None and
+    is read by ITK as before. ``reader``: an ``ImageFileReader`` after ``ReadImageInformation``.
+    """
+    import nrrd
+
+    if full_suffix(path) not in (".nrrd", ".seg.nrrd") or reader.GetDimension() != 3:
+        return None
+    dtype = _numpy_dtype(reader.GetPixelID())
+    if dtype is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            header = nrrd.read_header(handle)
+            offset = handle.tell()
+            shape = tuple(int(n) for n in reversed(reader.GetSize()))
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if (
+                header.get("encoding") != "raw"
+                or header.get("dimension") != 3
+                or [int(n) for n in header.get("sizes", ())] != list(reversed(shape))
+                or set(header) & _NRRD_LAYOUT_FIELDS
+                or (dtype.itemsize > 1 and header.get("endian") != sys.byteorder)
+                or not set(header.get("kinds", ("domain",) * 3)) <= {"domain", "space"}
+                or os.fstat(handle.fileno()).st_size != offset + nbytes
+            ):
+                return None
+            mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except (nrrd.NRRDError, OSError, ValueError, TypeError, UnicodeError):
+        return None
+    return np.frombuffer(mapping, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(shape)
 
 
 @contextlib.contextmanager

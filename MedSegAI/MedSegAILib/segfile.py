@@ -1,13 +1,15 @@
 """Slicer segmentation files (``.seg.nrrd``): one labelmap layer, one named segment per label.
 
 The file is a gzip NRRD in LPS space whose grid is exactly the labels' grid, with Slicer's
-``Segment<N>_*`` header fields (ID, name, colour, label value, layer, extent, terminology tags),
-written through :mod:`slicerio` so that ``slicerio.read_segmentation`` and 3D Slicer read back
-the same names, colours, label values and terminology.
+``Segment<N>_*`` header fields (ID, name, colour, label value, layer, extent, terminology tags)
+as :mod:`slicerio` writes them, so that ``slicerio.read_segmentation`` and 3D Slicer read back
+the same names, colours, label values and terminology. The voxels are compressed on several
+threads (:mod:`parallel_gzip`), as one ordinary gzip stream.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +20,8 @@ import numpy as np
 from .errors import MedSegAIInputError
 from .image import Volume, present_values
 from .imageio import atomic_output
+from .parallel_gzip import write_gzip
+from .threads import thread_count
 
 __all__ = ["DEFAULT_TERMINOLOGY_CONTEXT", "label_entries", "read_segmentation_labels", "write_segmentation"]
 
@@ -116,8 +120,6 @@ def write_segmentation(
         ValueError: the labels hold values that no label entry names, or bad entries.
         TypeError: ``labels`` is not an integer :class:`Volume`.
     """
-    import slicerio
-
     path = Path(path)
     if not path.name.lower().endswith(".seg.nrrd"):
         raise MedSegAIInputError(f"{path} is not a .seg.nrrd file name; end the output name with .seg.nrrd.")
@@ -136,6 +138,17 @@ def write_segmentation(
         present = set()
     if present - values:
         raise ValueError(f"labels contain values {sorted(present - values)} that labels_spec does not name")
+    segmentation = _segmentation(labels, entries)
+    header = _header(segmentation)
+    with atomic_output(path, overwrite) as temp, open(temp, "wb") as handle:
+        handle.write(header)
+        write_gzip(handle, segmentation["voxels"].data, _COMPRESSION_LEVEL, thread_count())
+    return path
+
+
+def _segmentation(labels: Volume, entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """slicerio's segmentation dict of ``labels`` (C-contiguous uint8/uint16 voxels ``(z, y, x)``) and ``entries``."""
+    values = {e["value"] for e in entries}
     dtype = np.uint8 if max(values | {0}) <= 255 else np.uint16
     voxels = np.ascontiguousarray(labels.array, dtype=dtype)
     nz, ny, nx = voxels.shape
@@ -158,7 +171,7 @@ def write_segmentation(
         if entry.get("terminology"):
             segment["terminology"] = _to_slicerio_terminology(entry["terminology"])
         segments.append(segment)
-    segmentation = {
+    return {
         "voxels": voxels,
         "ijkToLPS": labels.index_to_physical_matrix(),
         "containedRepresentationNames": ["Binary labelmap"],
@@ -166,9 +179,31 @@ def write_segmentation(
         "referenceImageExtentOffset": [0, 0, 0],
         "segments": segments,
     }
-    with atomic_output(path, overwrite) as temp:
-        slicerio.write_segmentation(str(temp), segmentation, compression_level=_COMPRESSION_LEVEL, index_order="C")
-    return path
+
+
+def _header(segmentation: Mapping[str, Any]) -> bytes:
+    """The NRRD header slicerio writes for ``segmentation``, gzip encoded.
+
+    slicerio turns the segments into Slicer's header fields; it is asked for the header of a
+    one-voxel raw file (cheap) and the two fields that depend on that choice are set to the real
+    ones, so that the voxels can be compressed on several threads (:mod:`parallel_gzip`).
+    """
+    import slicerio
+
+    dtype, shape = segmentation["voxels"].dtype, segmentation["voxels"].shape
+    probe = io.BytesIO()
+    one_voxel = dict(segmentation, voxels=np.zeros((1, 1, 1), dtype=dtype), encoding="raw")
+    slicerio.write_segmentation(probe, one_voxel, index_order="C")
+    text, separator, data = probe.getvalue().partition(b"\n\n")
+    lines = text.split(b"\n")
+    wanted = {b"sizes: 1 1 1": b"sizes: " + " ".join(str(n) for n in shape[::-1]).encode("ascii"),
+              b"encoding: raw": b"encoding: gzip"}
+    found = [index for index, line in enumerate(lines) if line in wanted]
+    if not separator or len(data) != dtype.itemsize or sorted(lines[index] for index in found) != sorted(wanted):
+        raise RuntimeError("slicerio wrote an unexpected NRRD header; MedSegAI does not support this slicerio version.")
+    for index in found:
+        lines[index] = wanted[lines[index]]
+    return b"\n".join(lines) + b"\n\n"
 
 
 def read_segmentation_labels(path: str | os.PathLike) -> tuple[Volume, list[dict[str, Any]]]:

@@ -188,3 +188,65 @@ def test_rgb_image(tmp_path: Path, ct_small: Path, suffix: str) -> None:
     sitk.WriteImage(sitk.Compose([grey, grey, grey]), str(path))
     with pytest.raises(MedSegAIInputError, match="3 values per voxel .*RGB.*3D scalar"):
         imageio.read_volume(path)
+
+
+def _memory_mapped(array: np.ndarray) -> bool:
+    import mmap
+
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
+
+
+@pytest.mark.parametrize("which", ["ct-int16", "mr-uint16"])
+def test_raw_nrrd_is_memory_mapped_read_only_and_equal(tmp_path: Path, ct_small: Path, shared_data: Path, which: str) -> None:
+    source = ct_small if which == "ct-int16" else shared_data / "mr-brain-tumor" / "PGBM-001" / "1991-11-19" / "T1post.nrrd"
+    image = sitk.ReadImage(str(source))
+    image.SetDirection(tuple(_oblique_flipped_direction().ravel()))
+    path = tmp_path / "raw.nrrd"
+    sitk.WriteImage(image, str(path), useCompression=False)
+    volume = imageio.read_volume(path)
+    assert _memory_mapped(volume.array) and not volume.array.flags.writeable
+    assert volume.array.dtype == sitk.GetArrayViewFromImage(image).dtype
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(image))
+    assert volume.spacing == pytest.approx(image.GetSpacing())
+    assert volume.origin == pytest.approx(image.GetOrigin())
+    np.testing.assert_allclose(volume.direction.reshape(-1), image.GetDirection())
+    with pytest.raises(ValueError, match="read-only"):
+        volume.array[0, 0, 0] = 1  # the user's file can never be changed through the volume
+
+
+def test_other_nrrd_layouts_are_read_by_itk_with_the_same_voxels(tmp_path: Path, ct_small: Path) -> None:
+    """gzip, big-endian, trailing bytes, byte skip: not mapped, read as before, same voxels."""
+    import nrrd
+
+    image = sitk.ReadImage(str(ct_small))
+    expected = sitk.GetArrayFromImage(image)
+    header = {"space": "left-posterior-superior", "space directions": np.diag(image.GetSpacing()),
+              "space origin": np.array(image.GetOrigin()), "kinds": ["domain"] * 3, "encoding": "raw"}
+    gzipped = tmp_path / "gzip.nrrd"
+    sitk.WriteImage(image, str(gzipped), useCompression=True)
+    big_endian = tmp_path / "big-endian.nrrd"
+    nrrd.write(str(big_endian), expected.astype(">i2"), dict(header), index_order="C")
+    trailing = tmp_path / "trailing.nrrd"
+    nrrd.write(str(trailing), expected, dict(header), index_order="C")
+    trailing.write_bytes(trailing.read_bytes() + b"\0\0")
+    skipped = tmp_path / "byte-skip.nrrd"
+    nrrd.write(str(skipped), expected, dict(header), index_order="C")
+    text, data = skipped.read_bytes().split(b"\n\n", 1)
+    skipped.write_bytes(text + b"\nbyte skip: 4\n\n" + b"SKIP" + data)
+    for path in (gzipped, big_endian, trailing, skipped):
+        volume = imageio.read_volume(path)
+        assert not _memory_mapped(volume.array), path.name
+        np.testing.assert_array_equal(volume.array, expected, err_msg=path.name)
+        assert volume.spacing == pytest.approx(image.GetSpacing())
+
+
+def test_truncated_raw_nrrd_is_refused(tmp_path: Path, ct_small: Path) -> None:
+    complete = tmp_path / "complete.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(ct_small)), str(complete), useCompression=False)
+    truncated = tmp_path / "truncated.nrrd"
+    truncated.write_bytes(complete.read_bytes()[:-1000])
+    with pytest.raises(MedSegAIInputError, match="could not be read completely"):
+        imageio.read_volume(truncated)

@@ -161,3 +161,43 @@ def test_accepts_model_card_like_object(tmp_path: Path, labels: Volume) -> None:
     path = segfile.write_segmentation(tmp_path / "card.seg.nrrd", labels, Card())
     header = slicerio.read_segmentation(str(path), skip_voxels=True)
     assert slicerio.segment_names(header) == [x["name"] for x in LABELS]
+
+
+def test_header_and_voxels_as_slicerio_writes_them(tmp_path: Path, labels: Volume) -> None:
+    """The file equals slicerio's own .seg.nrrd field for field; only the voxel compression differs."""
+    import nrrd
+
+    oblique = _oblique(labels)
+    ours = segfile.write_segmentation(tmp_path / "ours.seg.nrrd", oblique, LABELS)
+    reference = tmp_path / "slicerio.seg.nrrd"
+    entries = segfile.label_entries(LABELS)
+    slicerio.write_segmentation(str(reference), segfile._segmentation(oblique, entries), compression_level=1, index_order="C")
+    our_data, our_header = nrrd.read(str(ours), index_order="C")
+    their_data, their_header = nrrd.read(str(reference), index_order="C")
+    assert list(our_header) == list(their_header)
+    for field, value in their_header.items():
+        np.testing.assert_array_equal(our_header[field], value, err_msg=field)
+    assert our_header["sizes"].tolist() == list(oblique.shape[::-1])
+    assert our_header["encoding"] == "gzip"
+    np.testing.assert_array_equal(our_data, their_data)
+    np.testing.assert_array_equal(our_data, oblique.array)
+
+
+def test_many_threads_and_uint16_read_by_slicer(tmp_path: Path, labels: Volume, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 20 MB uint16 map (label 300) written on 3 threads in several blocks: Slicer and slicerio read it exactly."""
+    monkeypatch.setenv("MEDSEGAI_THREADS", "3")
+    reps = -(-200 // labels.shape[0])
+    array = np.tile(labels.array, (reps, 2, 2))[:200].astype(np.uint16)
+    array[array == 3] = 300
+    big = Volume(array, labels.spacing, labels.origin, labels.direction)
+    assert array.nbytes > 16 << 20  # more than the 4 MiB minimum block several times over
+    spec = [dict(LABELS[0]), dict(LABELS[1]), {**LABELS[2], "value": 300}]
+    path = segfile.write_segmentation(tmp_path / "big.seg.nrrd", big, spec)
+    seg = slicerio.read_segmentation(str(path))
+    np.testing.assert_array_equal(seg["voxels"].transpose(2, 1, 0), array)
+    info, masks, _ = _slicer_segment_masks(path)
+    assert info["right kidney"][1] == 300
+    mask, (k0, j0, i0) = masks["right kidney"]
+    full = np.zeros(array.shape, dtype=bool)
+    full[k0 : k0 + mask.shape[0], j0 : j0 + mask.shape[1], i0 : i0 + mask.shape[2]] = mask
+    np.testing.assert_array_equal(full, array == 300)
