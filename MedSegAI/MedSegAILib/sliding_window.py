@@ -225,23 +225,23 @@ def sliding_window_2d(
 
     Returns:
         ``(S, y, x, K)`` float32 blended probabilities (the slab's memory is the only
-        volume-sized allocation: the accumulator is exactly this array).
+        volume-sized allocation: the accumulator is exactly this array). With one window per
+        slice and the whole slab in one ``predict`` call it is a cropped view of the network's
+        output (nothing to blend, nothing copied).
     """
     _check_common(slab, 2, overlap, batch_size, "slab")
     patch = _check_patch(patch_size, 2, divisible_by)
-    weights = gaussian_importance_map(patch) if importance_map is None else np.asarray(importance_map, np.float32)
-    if weights.shape != patch:
-        raise ValueError(f"importance_map shape {weights.shape} differs from patch_size {patch}")
     slices, height, width, channels = slab.shape
     starts = window_grid((height, width), patch, overlap)
     crops = [(_crop(sy, patch[0], height), _crop(sx, patch[1], width)) for sy, sx in starts]
+    single_window = len(crops) == 1  # one window per slice: nothing to blend, no weights needed
+    if importance_map is not None:
+        weights = np.asarray(importance_map, np.float32)
+        if weights.shape != patch:
+            raise ValueError(f"importance_map shape {weights.shape} differs from patch_size {patch}")
+    elif not single_window:
+        weights = gaussian_importance_map(patch)
 
-    weight_sum = np.zeros((height, width), dtype=np.float32)
-    for (ay, wy), (ax, wx) in crops:
-        weight_sum[ay, ax] += weights[wy, wx]
-    inverse_weight = (1.0 / weight_sum)[..., None]
-
-    single_window = len(crops) == 1
     network = _Predictor(predict, 2, tta, num_classes)
     windows = [(s, w) for s in range(slices) for w in range(len(crops))]
     total = len(windows)
@@ -258,29 +258,34 @@ def sliding_window_2d(
                 batch[b] = 0.0
             batch[b, wy, wx] = slab[s, ay, ax]
         probabilities = network(batch)
-        if accumulator is None:
-            accumulator = np.zeros((slices, height, width, probabilities.shape[-1]), dtype=np.float32)
-        if single_window:  # nothing to blend: copy the (cropped) prediction
-            for b, n in enumerate(indices):
-                (ay, wy), (ax, wx) = crops[0]
-                accumulator[windows[n][0]] = probabilities[b, wy, wx]
-            done += len(indices)
-            if progress is not None:
-                progress(done, total)
-            continue
-        probabilities *= weights[None, ..., None]
-        for b, n in enumerate(indices):
-            s, w = windows[n]
-            (ay, wy), (ax, wx) = crops[w]
-            accumulator[s, ay, ax] += probabilities[b, wy, wx]
-        del probabilities  # free before the next batch is predicted
         done += len(indices)
+        if single_window:  # nothing to blend: the (cropped) prediction is the result
+            (_, wy), (_, wx) = crops[0]
+            if len(indices) == total:  # the whole slab in one call: no copy at all
+                if progress is not None:
+                    progress(done, total)
+                return probabilities[:, wy, wx]
+            if accumulator is None:
+                accumulator = np.empty((slices, height, width, probabilities.shape[-1]), dtype=np.float32)
+            accumulator[indices.start : indices.stop] = probabilities[:, wy, wx]
+        else:
+            if accumulator is None:
+                accumulator = np.zeros((slices, height, width, probabilities.shape[-1]), dtype=np.float32)
+            probabilities *= weights[None, ..., None]
+            for b, n in enumerate(indices):
+                s, w = windows[n]
+                (ay, wy), (ax, wx) = crops[w]
+                accumulator[s, ay, ax] += probabilities[b, wy, wx]
+        del probabilities  # free before the next batch is predicted
         if progress is not None:
             progress(done, total)
     if accumulator is None:
         raise RuntimeError("no window was predicted")  # unreachable: the slab is non-empty
     if not single_window:
-        accumulator *= inverse_weight
+        weight_sum = np.zeros((height, width), dtype=np.float32)
+        for (ay, wy), (ax, wx) in crops:
+            weight_sum[ay, ax] += weights[wy, wx]
+        accumulator *= (1.0 / weight_sum)[..., None]
     return accumulator
 
 

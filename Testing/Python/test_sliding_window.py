@@ -134,6 +134,28 @@ def test_identity_2d_accepts_strided_views_and_reports_progress() -> None:
     assert len(calls) == math.ceil(4 * per_slice / 3)
 
 
+def test_one_window_per_slice_returns_the_network_output_uncopied() -> None:
+    """Slices smaller than the patch (one padded window each): the crop of the network's own output.
+
+    Whole slab in one call: a view of that output, no accumulator; in several calls: the same values.
+    """
+    rng = np.random.default_rng(3)
+    slab = rng.normal(size=(5, 13, 11, 2)).astype(np.float32)
+    outputs: list[np.ndarray] = []
+
+    def network(batch: np.ndarray) -> np.ndarray:
+        outputs.append(batch * 2.0)
+        return outputs[-1]
+
+    result = sliding_window_2d(slab, network, (16, 16), 0.5, 5)
+    assert len(outputs) == 1 and np.shares_memory(result, outputs[0])
+    np.testing.assert_array_equal(result, slab * 2.0)
+    outputs.clear()
+    split = sliding_window_2d(slab, network, (16, 16), 0.5, 2)
+    assert len(outputs) == 3 and not any(np.shares_memory(split, output) for output in outputs)
+    np.testing.assert_array_equal(split, slab * 2.0)
+
+
 def test_tta_flips_back_predictions() -> None:
     """A network that is not flip-invariant: TTA must flip each prediction back before averaging."""
     ramp = np.tile(np.arange(16, dtype=np.float32), (16, 1))
