@@ -114,7 +114,7 @@ def compute_measurements(labels: Volume, labels_spec: Any) -> list[dict[str, Any
     Raises:
         TypeError: ``labels`` is not an integer 3D Volume.
     """
-    from scipy import ndimage
+    from .components import label_boxes
 
     if not isinstance(labels, Volume) or labels.array.ndim != 3:
         raise TypeError("labels must be a 3D Volume")
@@ -125,9 +125,9 @@ def compute_measurements(labels: Volume, labels_spec: Any) -> list[dict[str, Any
         array = array.view(np.uint8)
     entries = label_entries(labels_spec)
     top = max(e["value"] for e in entries)
-    if array.min() < 0:
+    if array.dtype.kind == "i" and array.min() < 0:
         array = np.where(array < 0, 0, array)
-    boxes = ndimage.find_objects(array, max_label=top)
+    boxes = label_boxes(array, max_label=top)
     voxel_ml = float(np.prod(labels.spacing)) / 1000.0
     matrix = labels.index_to_physical_matrix()
     rows = []

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .components import StreamedComponents, component_sizes, distinct_pairs
+from .components import StreamedComponents, component_sizes, distinct_pairs, label_boxes
 from .errors import MedSegAIInputError
 from .threads import thread_count
 
@@ -48,7 +48,7 @@ def _selected(option: Any, key: str, label_names: Mapping[int, str]) -> list[int
 
 
 def _boxes(labels: np.ndarray) -> list[tuple[slice, ...] | None]:
-    return ndimage.find_objects(labels)
+    return label_boxes(labels)
 
 
 # Below this many bounding-box voxels in all, largest_component and fill_holes run on one thread.

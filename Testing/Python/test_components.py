@@ -137,3 +137,33 @@ def test_bad_use_is_reported() -> None:
         StreamedComponents(out, 2, axes=(0, 0, 1))
     with pytest.raises(ValueError, match="view of labels"):
         postprocess_in_place(np.zeros_like(out), SPACING, {"largest_component": True}, {1: "a", 2: "b"}, components=found)
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_label_boxes_on_threads_equal_find_objects(monkeypatch, ct_small_label_map, threads) -> None:
+    """The real map stacked to 4.4 M voxels (searched in slabs), with a label only in its last slab."""
+    monkeypatch.setenv("MEDSEGAI_THREADS", threads)
+    big = np.concatenate([ct_small_label_map] * 12)
+    big[-3:, 10:12, 20:23] = 200
+    assert big.size >= components_module._PARALLEL_BOX_VOXELS
+    assert components_module.label_boxes(big) == ndimage.find_objects(big)
+    assert components_module.label_boxes(big, max_label=250) == ndimage.find_objects(big, max_label=250)
+    assert components_module.label_boxes(big, max_label=3) == ndimage.find_objects(big, max_label=3)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 9), st.integers(1, 6), st.integers(1, 6)),
+    density=st.floats(0.0, 1.0),
+    max_label=st.one_of(st.none(), st.integers(0, 6)),
+    seed=st.integers(0, 2**16),
+)
+def test_label_boxes_in_slabs_equal_find_objects_on_random_maps(shape, density, max_label, seed) -> None:
+    rng = np.random.default_rng(seed)
+    labels = np.where(rng.random(shape) < density, rng.integers(1, 5, shape), 0).astype(np.uint8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(components_module, "_PARALLEL_BOX_VOXELS", 0)
+        patch.setenv("MEDSEGAI_THREADS", "3")
+        found = components_module.label_boxes(labels, max_label)
+    expected = ndimage.find_objects(labels) if max_label is None else ndimage.find_objects(labels, max_label=max_label)
+    assert found == expected
