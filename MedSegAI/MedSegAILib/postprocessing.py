@@ -47,10 +47,6 @@ def _selected(option: Any, key: str, label_names: Mapping[int, str]) -> list[int
     return sorted({values_by_name[name] for name in option})
 
 
-def _boxes(labels: np.ndarray) -> list[tuple[slice, ...] | None]:
-    return label_boxes(labels)
-
-
 # Below this many bounding-box voxels in all, largest_component and fill_holes run on one thread.
 _PARALLEL_VOXELS = 4_000_000
 # Over this many voxels, a label's box is searched for holes in two halves on parallel threads.
@@ -375,11 +371,11 @@ def postprocess_in_place(
             _remove_small_islands(labels, sorted(left), boxes, min_island, voxel_mm3)
         largest = [value for value in largest if value in left]
     elif min_island > 0:
-        boxes = _boxes(labels)
+        boxes = list(boxes) if boxes is not None else label_boxes(labels)
         _remove_small_islands(labels, list(range(1, len(boxes) + 1)), boxes, min_island, voxel_mm3)
     if not (largest or holes):
         return
-    boxes = list(boxes) if boxes is not None else _boxes(labels)
+    boxes = list(boxes) if boxes is not None else label_boxes(labels)
     if largest:
         _keep_largest(labels, largest, boxes)
     if holes:
