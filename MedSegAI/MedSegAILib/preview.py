@@ -15,7 +15,6 @@ matplotlib is imported inside :func:`render_preview` only (Agg canvas, no pyplot
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 
 from .errors import MedSegAIInputError
 from .image import Volume, present_values
+from .imageio import atomic_output
 
 __all__ = ["render_preview", "canonical_lps_array"]
 
@@ -232,13 +232,6 @@ def render_preview(
         figure.suptitle(title)
     figure.subplots_adjust(left=0.01, right=0.99, top=0.9 if title else 0.95, bottom=0.1, wspace=0.03)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=out.parent)
-    os.close(handle)
-    try:
-        figure.savefig(temp_name, dpi=dpi, format="png")
-        os.replace(temp_name, out)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_output(out, overwrite=overwrite) as temp:  # created with the user's umask, like the .seg.nrrd
+        figure.savefig(temp, dpi=dpi, format="png")
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,9 @@ def test_preview_png_has_a_legend_entry_per_present_segment(ct_and_labels, tmp_p
     assert _has_colour(colours, SPEC[1]["color"])
     assert not _has_colour(colours, SPEC[2]["color"])
     assert [p.name for p in tmp_path.iterdir()] == ["preview.png"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file the user writes (not mkstemp's 0600)
 
 
 def test_preview_accepts_a_model_card_label_list_and_anisotropic_spacing(ct_and_labels, tmp_path):

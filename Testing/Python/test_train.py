@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,10 @@ def test_training_beats_an_empty_prediction_and_exports_a_usable_model(
     run = json.loads((output / "training" / "run.json").read_text())
     assert run["status"] == "finished" and "path" not in run["dataset"]  # no local paths left behind
     assert not (output / "training" / "backup").exists() and not (output / "training" / "best.keras").exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(p.relative_to(output)): p.stat().st_mode & 0o777 for p in output.rglob("*") if p.is_file()}
+    assert modes and all(mode == 0o666 & ~umask for mode in modes.values()), modes  # not temp files' 0600
 
 
 @pytest.mark.slow
@@ -193,6 +198,7 @@ def test_interrupted_run_resumes_without_losing_epochs(brain_dataset: tuple[Path
         train(root, interrupted, config=TINY, progress=progress, should_cancel=cancel_after_first_epoch)
     run = json.loads((interrupted / "training" / "run.json").read_text())
     assert run["status"] == "running" and run["state"]["epochs_done"] == 1
+    assert (interrupted / "training" / "best.keras").stat().st_mode & 0o077  # the checkpoint is not left owner-only
     assert not (interrupted / "model.json").exists()
     with pytest.raises(MedSegAIInputError, match="different settings"):
         train(root, interrupted, config=dict(TINY, epochs=5), resume=True)

@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -31,6 +29,7 @@ import numpy as np
 from MedSegAILib import preprocessing
 from MedSegAILib.errors import MedSegAIInputError
 from MedSegAILib.image import Volume
+from MedSegAILib.imageio import atomic_output
 
 __all__ = [
     "PreprocessedCase",
@@ -377,14 +376,8 @@ def _file_signature(paths: Iterable[Path]) -> list[Any]:
 
 
 def _save_npy_atomic(path: Path, array: np.ndarray) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp.npy", dir=path.parent)
-    os.close(handle)
-    try:
+    with atomic_output(path, overwrite=True) as tmp:
         np.save(tmp, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_cases(

@@ -29,7 +29,6 @@ import math
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -37,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from MedSegAILib.errors import CancelledError, MedSegAIInputError, ModelFolderError
+from MedSegAILib.imageio import atomic_output
 
 from .config import TrainConfig, config_from_dict, load_config
 
@@ -61,16 +61,9 @@ def _now() -> str:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, allow_nan=False, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, overwrite=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, allow_nan=False, default=_json_default)
+        f.write("\n")
 
 
 def _json_default(value: Any) -> Any:
@@ -529,15 +522,8 @@ class _Run:
         _write_json_atomic(self.run_file, self.record)
 
     def save_best(self, model: Any) -> None:
-        target = self.training_dir / BEST_FILE
-        handle, tmp = tempfile.mkstemp(prefix=".best.", suffix=".keras", dir=self.training_dir)
-        os.close(handle)
-        try:
+        with atomic_output(self.training_dir / BEST_FILE, overwrite=True) as tmp:
             model.save(tmp, overwrite=True)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
 
 def _dataset_identity(info: Any) -> dict[str, Any]:
