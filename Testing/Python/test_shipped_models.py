@@ -14,7 +14,8 @@ controls run through the same engine:
   model finds no longer overlap the reference;
 - mis-normalised: the same model card with a wrong normalisation (CT: per-image z-score or a
   [-1000, 1000] window instead of the [-200, 300] window, or raw HU; MR: [0, 1] percentile
-  scaling or raw intensities instead of non-zero z-scores).
+  scaling or raw intensities instead of z-scores over the head);
+- MR inputs matched to the wrong channels (series given in reverse order).
 """
 
 from __future__ import annotations
@@ -49,12 +50,15 @@ CT_SOURCE = {"liver": 5, "spleen": 1, "kidney_left": 3, "kidney_right": 2, "stom
 CT_LIVER_BOUND = 0.90
 CT_MEAN_BOUND = 0.85
 # MR: tumour Dice of every checked study at least MR_TUMOUR_BOUND. Measured with the shipped model
-# (1.0.0) on PGBM-001/1992-04-02 (DICOM), PGBM-003/1995-10-17, PGBM-006/1996-12-10:
-#   correct:                                   0.806 / 0.754 / 0.723
+# (1.2.0) on PGBM-001/1992-04-02 (DICOM), PGBM-003/1995-10-17, PGBM-006/1996-12-10:
+#   correct:                                   0.738 / 0.758 / 0.737
 #   mirrored left-right:                       0.000 / 0.000 / 0.000
-#   percentile [0, 1] instead of z-scores:     0.000 / 0.177 / 0.000
-#   no normalisation:                          0.000 / 0.000 / 0.000
-MR_TUMOUR_BOUND = 0.50
+#   percentile [1, 99] instead of z-scores:    0.591 / 0.000 / 0.547
+#   no normalisation:                          0.579 / 0.000 / 0.473
+#   channels in reverse order:                 0.532 / 0.000 / 0.445
+# The network's instance normalisation makes it partly insensitive to a per-channel rescaling
+# (1.0.0 scored 0.000 / 0.177 / 0.000 with percentiles), hence a bound above those 0.59.
+MR_TUMOUR_BOUND = 0.65
 
 
 def _card(model_id: str) -> ModelCard:
@@ -231,3 +235,4 @@ def test_mr_bound_is_not_reachable_mis_oriented_or_mis_normalised(shared_data: P
         assert _mr_dice(card, [_mirrored(v) for v in images], mask) < MR_TUMOUR_BOUND, study
         for wrong_card in wrong_cards:
             assert _mr_dice(wrong_card, images, mask) < MR_TUMOUR_BOUND, (study, wrong_card.channels[0].normalization)
+        assert _mr_dice(card, images[::-1], mask) < MR_TUMOUR_BOUND, study  # inputs matched to the wrong channels
