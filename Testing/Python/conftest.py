@@ -56,6 +56,14 @@ def total_ct_label_names(shared_data: Path) -> dict[int, str]:
 
 
 @pytest.fixture(scope="session")
+def new_file_mode() -> int:
+    """Permission bits of a file this user creates (``0o666`` less the umask): what outputs must have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@pytest.fixture(scope="session")
 def ct_dicom_dir(shared_data: Path) -> Path:
     return shared_data / "ct-abdomen" / "example_ct_dicom"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from medsegai_training.evaluate import dice
 from MedSegAILib import demo
 from MedSegAILib.imageio import read_volume
 from MedSegAILib.modelcard import find_model
@@ -33,10 +34,6 @@ def demo_output(tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("demo") / "demo-output"
     assert demo.main(["--output", str(output)]) == 0
     return output
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return float(2 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
 
 
 def test_demo_writes_the_three_files_and_nothing_else(demo_output: Path) -> None:
@@ -61,8 +58,8 @@ def test_demo_segmentation_reads_back_on_the_sample_grid_with_every_segment(
     small = read_volume(shared_data / "ct-abdomen" / "example_ct_sm.nii.gz")
     assert np.array_equal(np.asarray(sample.array)[SHARED_SLICES], np.asarray(small.array))
     for name, reference_id in REFERENCE_IDS.items():
-        dice = _dice(labels.array[SHARED_SLICES] == values[name], ct_small_label_map == reference_id)
-        assert dice >= DICE_BOUND, (name, dice)
+        score = dice(labels.array[SHARED_SLICES] == values[name], ct_small_label_map == reference_id)
+        assert score >= DICE_BOUND, (name, score)
 
     # Slicer's own reader sees the same segments, values and voxels
     info, masks, ijk_to_ras = _slicer_segment_masks(demo_output / "sample.seg.nrrd")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +83,7 @@ def _has_colour(colours: np.ndarray, rgb: list[float]) -> bool:
     return bool(np.any(np.all(np.abs(colours - target) <= 1, axis=1)))
 
 
-def test_preview_png_has_a_legend_entry_per_present_segment(ct_and_labels, tmp_path):
+def test_preview_png_has_a_legend_entry_per_present_segment(ct_and_labels, tmp_path, new_file_mode):
     image, labels = ct_and_labels
     no_aorta = labels.with_array(np.where(labels.array == 3, 0, labels.array).astype(np.uint8))
     out = render_preview(image, no_aorta, SPEC, tmp_path / "preview.png")
@@ -96,9 +95,7 @@ def test_preview_png_has_a_legend_entry_per_present_segment(ct_and_labels, tmp_p
     assert _has_colour(colours, SPEC[1]["color"])
     assert not _has_colour(colours, SPEC[2]["color"])
     assert [p.name for p in tmp_path.iterdir()] == ["preview.png"]  # no temporary file left behind
-    umask = os.umask(0)
-    os.umask(umask)
-    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file the user writes (not mkstemp's 0600)
+    assert out.stat().st_mode & 0o777 == new_file_mode  # readable like any file the user writes (not mkstemp's 0600)
 
 
 def test_preview_accepts_a_model_card_label_list_and_anisotropic_spacing(ct_and_labels, tmp_path):

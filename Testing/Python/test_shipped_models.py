@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
+from medsegai_training.evaluate import dice
 from MedSegAILib.image import Volume
 from MedSegAILib.modelcard import ModelCard, find_model, validate_model_dict
 
@@ -63,11 +63,6 @@ MR_TUMOUR_BOUND = 0.65
 
 def _card(model_id: str) -> ModelCard:
     return ModelCard.from_folder(MODELS_DIR / model_id)
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return float("nan") if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def _mirrored(volume: Volume) -> Volume:
@@ -119,7 +114,6 @@ def test_ct_model_is_the_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 @pytest.mark.parametrize("model_id", SHIPPED)
 def test_shipped_model_loads_in_safe_mode_and_backends_agree(model_id: str) -> None:
     import keras
-
     from MedSegAILib.backends import load_predictor
 
     card = _card(model_id)
@@ -139,7 +133,6 @@ def test_shipped_model_loads_in_safe_mode_and_backends_agree(model_id: str) -> N
 def ct_cases(shared_data: Path) -> list[tuple[str, Volume, Volume]]:
     """(name, CT, TotalSegmentator labels on the CT grid) for both labelled CT volumes."""
     import SimpleITK as sitk
-
     from MedSegAILib.imageio import read_volume
 
     folder = shared_data / "ct-abdomen"
@@ -160,7 +153,7 @@ def _ct_dice(card: ModelCard, image: Volume, reference: Volume) -> dict[str, flo
     for label in card.labels:
         truth = reference.array == CT_SOURCE[label.name]
         if truth.any():
-            found[label.name] = _dice(labels.array == label.value, truth)
+            found[label.name] = dice(labels.array == label.value, truth)
     return found
 
 
@@ -207,7 +200,7 @@ def _mr_dice(card: ModelCard, images: list[Volume], mask: Volume) -> float:
 
     labels, _ = segment_case(images, card, backend="onnx")
     assert labels.same_grid(images[0])
-    return _dice(labels.array == 1, mask.array > 0)
+    return dice(labels.array == 1, mask.array > 0)
 
 
 MR_STUDIES = ("PGBM-001/1992-04-02", "PGBM-003/1995-10-17", "PGBM-006/1996-12-10")

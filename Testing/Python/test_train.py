@@ -14,7 +14,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +98,7 @@ def trained(brain_dataset: tuple[Path, dict[str, str]], tmp_path_factory: pytest
 
 @pytest.mark.slow
 def test_training_beats_an_empty_prediction_and_exports_a_usable_model(
-    trained: tuple[Path, str], brain_dataset: tuple[Path, dict[str, str]]
+    trained: tuple[Path, str], brain_dataset: tuple[Path, dict[str, str]], new_file_mode: int
 ) -> None:
     output, progress = trained
     card = ModelCard.from_folder(output)  # validates model.json and finds both weight files
@@ -142,10 +141,8 @@ def test_training_beats_an_empty_prediction_and_exports_a_usable_model(
     run = json.loads((output / "training" / "run.json").read_text())
     assert run["status"] == "finished" and "path" not in run["dataset"]  # no local paths left behind
     assert not (output / "training" / "backup").exists() and not (output / "training" / "best.keras").exists()
-    umask = os.umask(0)
-    os.umask(umask)
     modes = {str(p.relative_to(output)): p.stat().st_mode & 0o777 for p in output.rglob("*") if p.is_file()}
-    assert modes and all(mode == 0o666 & ~umask for mode in modes.values()), modes  # not temp files' 0600
+    assert modes and all(mode == new_file_mode for mode in modes.values()), modes  # not temp files' 0600
 
 
 @pytest.mark.slow
