@@ -2,11 +2,13 @@
 
 Slicer's scripted-module shape: ``MedSegAI`` (module description), ``MedSegAIParameterNode``
 (everything the panel shows, saved with the scene), ``MedSegAIWidget`` (GUI only),
-``MedSegAILogic`` (a thin Slicer-facing layer over :mod:`MedSegAILib.slicer_logic`, which works on
-any MRML scene and is what the pytest suites drive) and ``MedSegAITest`` (the in-Slicer self-test).
+``MedSegAILogic`` (a thin Slicer-facing layer over :mod:`MedSegAILib.slicer_logic`,
+:mod:`MedSegAILib.dependencies` and :mod:`MedSegAILib.model_store`, which work on any MRML scene and
+are what the pytest suites drive) and ``MedSegAITest`` (the in-Slicer self-test).
 
-The engine never runs inside Slicer's process: Segment and Fine-tune start a separate Python
-process, a QTimer polls it, so Slicer stays responsive and Cancel stops it within two seconds.
+The engine never runs inside Slicer's process: Segment, Fine-tune and installing packages start a
+separate process tree, a QTimer polls it without blocking, so Slicer stays responsive and Cancel
+stops the whole tree within two seconds.
 """
 
 import json
@@ -26,15 +28,18 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleTest,
     ScriptedLoadableModuleWidget,
 )
-from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, GuiConnector, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
-from MedSegAILib import mrml, slicer_logic
+from MedSegAILib import dependencies, model_store, mrml, slicer_logic
 from MedSegAILib.errors import MedSegAIInputError
 
 MAXIMUM_CHANNELS = 4
 POLL_INTERVAL_MILLISECONDS = 200
 POSTPROCESSING_CHOICES = ["model default", "on", "off"]
+# Parameters whose line edit the user types into (paths): bound through TypedTextConnector, which
+# never rewrites unchanged text (Slicer 5.6/5.8's own connector does, and the cursor jumps to the end).
+TYPED_TEXT_PARAMETERS = ("enginePython", "datasetFolder")
 
 
 #
@@ -77,7 +82,8 @@ class MedSegAIParameterNode:
     device, backend, overlap, testTimeAugmentation, batchSize (0 = model default) - engine options.
     postprocessing - False gives the plain network output.
     largestComponent, fillHoles - "model default", "on" or "off".
-    minimumIslandVolume - mm³; negative = model default.
+    minimumIslandOverride - False keeps the model's island removal; True removes islands below
+        minimumIslandVolumeMm3 (0 = none).
     enginePython - Python executable for the engine; empty = Slicer's Python.
     datasetFolder - training dataset folder for Export corrected labels and Fine-tune.
     """
@@ -96,9 +102,45 @@ class MedSegAIParameterNode:
     postprocessing: bool = True
     largestComponent: Annotated[str, Choice(POSTPROCESSING_CHOICES)] = "model default"
     fillHoles: Annotated[str, Choice(POSTPROCESSING_CHOICES)] = "model default"
-    minimumIslandVolume: Annotated[float, WithinRange(-1.0, 1000000.0)] = -1.0
+    minimumIslandOverride: bool = False
+    minimumIslandVolumeMm3: Annotated[float, WithinRange(0.0, 1000000.0)] = 0.0
     enginePython: str = ""
     datasetFolder: str = ""
+
+
+class TypedTextConnector(GuiConnector):
+    """Binds a QLineEdit the user types into; writes the text only when it differs.
+
+    Passed to ``connectParametersToGui`` as an instance (never registered for all line edits).
+    """
+
+    @staticmethod
+    def canRepresent(widget, datatype) -> bool:
+        return False
+
+    @staticmethod
+    def create(widget, datatype):
+        return None
+
+    def __init__(self, widget) -> None:
+        super().__init__()
+        self._widget = widget
+
+    def _connect(self) -> None:
+        self._widget.textChanged.connect(self.changed)
+
+    def _disconnect(self) -> None:
+        self._widget.textChanged.disconnect(self.changed)
+
+    def widget(self):
+        return self._widget
+
+    def read(self) -> str:
+        return self._widget.text
+
+    def write(self, value: str) -> None:
+        if value != self._widget.text:
+            self._widget.text = value
 
 
 #
@@ -107,25 +149,32 @@ class MedSegAIParameterNode:
 
 
 class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The panel. GUI only: every action calls MedSegAILogic inside tryWithErrorDisplay."""
+    """The panel. GUI only: every action calls MedSegAILogic inside tryWithErrorDisplay.
+
+    ``tryWithErrorDisplay`` shows the error and raises it again; where the panel must go on after
+    an error (setup, the poll timer) the error is caught after it was shown.
+    """
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self._uiWidget = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._segmentationRun = None
         self._fineTuneRun = None
+        self._installRun = None
+        self._afterInstall = None
         self._pollTimer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
 
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSegAI.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self._uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedSegAI.ui"))
+        self.layout.addWidget(self._uiWidget)
+        self.ui = slicer.util.childWidgetVariables(self._uiWidget)
+        self._uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = MedSegAILogic()
 
@@ -149,28 +198,31 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.populateModels()
         self.initializeParameterNode()
+        self.showDependencyStatus()
 
     def cleanup(self) -> None:
         """Called when the application closes: stop running processes, drop observers."""
         if self._pollTimer is not None:
             self._pollTimer.stop()
-        for run in (self._segmentationRun, self._fineTuneRun):
+        for run in (self._segmentationRun, self._fineTuneRun, self._installRun):
             if run is not None and run.running:
                 run.cancel()
+                run.wait_stopped(2.0)
         self.removeObservers()
 
     def enter(self) -> None:
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
+        self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._segmentationRun is not None and self._segmentationRun.running:
+        """Closing the scene cancels a segmentation quietly (its nodes would be gone); fine-tuning goes on."""
+        if self._segmentationRun is not None:
             self._segmentationRun.cancel()
+            self._segmentationRun = None
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = "Segmentation cancelled: the scene was closed."
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -181,23 +233,42 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Use the scene's parameter node; pre-select the background volume as first input."""
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume1:
-            with slicer.util.tryWithErrorDisplay("The background volume could not be selected."):
-                backgroundVolume = self.logic.backgroundVolumeNode()
-                if backgroundVolume:
-                    self._parameterNode.inputVolume1 = backgroundVolume
+            try:
+                with slicer.util.tryWithErrorDisplay("The background volume could not be selected."):
+                    backgroundVolume = self.logic.backgroundVolumeNode()
+                    if backgroundVolume:
+                        self._parameterNode.inputVolume1 = backgroundVolume
+            except Exception:
+                logging.debug("MedSegAI: no background volume selected", exc_info=True)
         if not self._parameterNode.modelId and self.ui.modelComboBox.count > 0:
             self._parameterNode.modelId = self.ui.modelComboBox.itemData(0)
         self.selectModelInComboBox(self._parameterNode.modelId)
         if self._parameterNode.datasetFolder.strip():
             self.updateCaseCount()
 
+    def parameterWidgets(self) -> dict:
+        """Parameter name -> widget (or connector) for every widget with a SlicerParameterName."""
+        mapping = {}
+        for widget in self._uiWidget.findChildren(qt.QWidget):
+            name = widget.property("SlicerParameterName")
+            if name:
+                mapping[name] = TypedTextConnector(widget) if name in TYPED_TEXT_PARAMETERS else widget
+        return mapping
+
     def setParameterNode(self, inputParameterNode: Optional[MedSegAIParameterNode]) -> None:
+        """Bind the panel to a parameter node.
+
+        ``connectParametersToGui`` returns a tag in every Slicer version (``connectGui`` returns None
+        before 5.10, so its connectors could never be disconnected and piled up on every enter).
+        """
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            if self._parameterNodeGuiTag is not None:
+                self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+                self._parameterNodeGuiTag = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(self.parameterWidgets())
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateButtons)
             self.updateButtons()
 
@@ -206,8 +277,11 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def populateModels(self) -> None:
         """Fill the model selector with installed models ("name version"), folder as item data."""
         cards = []
-        with slicer.util.tryWithErrorDisplay("The installed models could not be listed."):
-            cards = self.logic.availableModels()
+        try:
+            with slicer.util.tryWithErrorDisplay("The installed models could not be listed."):
+                cards = self.logic.availableModels()
+        except Exception:
+            logging.debug("MedSegAI: model list failed", exc_info=True)
         wasBlocked = self.ui.modelComboBox.blockSignals(True)
         self.ui.modelComboBox.clear()
         for card in cards:
@@ -217,10 +291,13 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelDescriptionLabel.text = "No model is installed. Use Import model… to add one."
 
     def selectModelInComboBox(self, modelId: str) -> None:
+        """Select a model without the combo box's own signal, then describe it once."""
         index = self.ui.modelComboBox.findData(modelId) if modelId else -1
         if index < 0 and self.ui.modelComboBox.count > 0:
             index = 0
+        wasBlocked = self.ui.modelComboBox.blockSignals(True)
         self.ui.modelComboBox.setCurrentIndex(index)
+        self.ui.modelComboBox.blockSignals(wasBlocked)
         self.onModelChanged(index)
 
     def onModelChanged(self, index: int) -> None:
@@ -231,9 +308,12 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode.modelId != folder:
             self._parameterNode.modelId = folder
         card = None
-        with slicer.util.tryWithErrorDisplay("The selected model cannot be used.", waitCursor=True):
-            card = self.logic.modelCard(folder)
-            self.ui.modelDescriptionLabel.text = self.logic.modelDescriptionHtml(card)
+        try:
+            with slicer.util.tryWithErrorDisplay("The selected model cannot be used.", waitCursor=True):
+                card = self.logic.modelCard(folder)
+                self.ui.modelDescriptionLabel.text = self.logic.modelDescriptionHtml(card)
+        except Exception:
+            logging.debug("MedSegAI: model %s cannot be used", folder, exc_info=True)
         if card is None:
             return
         channelNames = card.channel_names
@@ -262,31 +342,83 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.selectModelInComboBox(str(card.folder))
             slicer.util.showStatusMessage(f"Imported model {card.name} {card.version}.", 5000)
 
-    # -- segmentation ------------------------------------------------------------------------
+    # -- buttons and the poll timer ----------------------------------------------------------
 
     def updateButtons(self, caller=None, event=None) -> None:
-        """Enable buttons that can act now; Segment/Fine-tune read Cancel while running."""
+        """Enable buttons that can act now; Segment/Fine-tune read Cancel while their work runs."""
         if not self._parameterNode:
             return
         segmenting = self._segmentationRun is not None and self._segmentationRun.running
         fineTuning = self._fineTuneRun is not None and self._fineTuneRun.running
+        installing = self._installRun is not None and self._installRun.running
+        installingFor = self._afterInstall if installing else None
         hasInput = self._parameterNode.inputVolume1 is not None and bool(self._parameterNode.modelId)
-        self.ui.segmentButton.text = "Cancel" if segmenting else "Segment"
-        self.ui.segmentButton.enabled = segmenting or (hasInput and not fineTuning)
+        self.ui.segmentButton.text = "Cancel" if segmenting or installingFor == "segment" else "Segment"
+        self.ui.segmentButton.enabled = (segmenting or installingFor == "segment"
+                                         or (hasInput and not fineTuning and not installing))
         hasSegmentation = self._parameterNode.outputSegmentation is not None
         self.ui.editInSegmentEditorButton.enabled = hasSegmentation and not segmenting
         hasFolder = bool(self._parameterNode.datasetFolder.strip())
         self.ui.exportCorrectedLabelsButton.enabled = hasSegmentation and hasFolder and not segmenting
-        self.ui.fineTuneButton.text = "Cancel fine-tuning" if fineTuning else "Fine-tune"
-        self.ui.fineTuneButton.enabled = fineTuning or (hasFolder and bool(self._parameterNode.modelId) and not segmenting)
+        self.ui.fineTuneButton.text = "Cancel fine-tuning" if fineTuning or installingFor == "fine-tune" else "Fine-tune"
+        self.ui.fineTuneButton.enabled = (fineTuning or installingFor == "fine-tune"
+                                          or (hasFolder and bool(self._parameterNode.modelId)
+                                              and not segmenting and not installing))
+        self.ui.minimumIslandVolumeSpinBox.enabled = (self._parameterNode.postprocessing
+                                                      and self._parameterNode.minimumIslandOverride)
+        self.ui.checkDependenciesButton.enabled = not installing
+
+    def onPollTimer(self) -> None:
+        """Read the processes' progress (never blocks); finish those that ended.
+
+        Whatever a finish raises (it was shown already), the tick ends with the buttons right and
+        the timer stopped when nothing runs.
+        """
+        try:
+            for run, kind in ((self._segmentationRun, "segment"), (self._fineTuneRun, "fine-tune"),
+                              (self._installRun, "install")):
+                if run is None:
+                    continue
+                ended = not run.running
+                for event in run.poll():
+                    self.showProgress(event, kind)
+                for line in run.read_log():
+                    self.ui.logTextEdit.appendPlainText(line)
+                if ended:
+                    {"segment": self.finishSegmentation, "fine-tune": self.finishFineTune,
+                     "install": self.finishInstall}[kind](run)
+        except Exception:
+            logging.debug("MedSegAI: a finished run raised", exc_info=True)
+        finally:
+            if not (self._segmentationRun or self._fineTuneRun or self._installRun):
+                self._pollTimer.stop()
+            self.updateButtons()
+
+    def showProgress(self, event, kind: str) -> None:
+        eta = ""
+        if event.eta_seconds is not None and event.fraction < 1.0:
+            minutes, seconds = divmod(int(round(event.eta_seconds)), 60)
+            eta = f", about {minutes}:{seconds:02d} left"
+        detail = f" {event.message}" if event.message else ""
+        text = f"{event.stage} {event.done}/{event.total}{eta}.{detail}"
+        if kind == "segment":
+            self.ui.progressBar.value = int(round(100 * event.fraction))
+            self.ui.statusLabel.text = text
+        else:
+            self.ui.fineTuneStatusLabel.text = f"Fine-tuning: {text}"
+
+    # -- segmentation ------------------------------------------------------------------------
 
     def onSegmentButton(self) -> None:
         if self._segmentationRun is not None and self._segmentationRun.running:
             self._segmentationRun.cancel()
-            self.ui.statusLabel.text = "Cancelled; the scene was not changed."
             self._segmentationRun = None
+            self.ui.statusLabel.text = "Cancelled; the scene was not changed."
             self.ui.progressBar.value = 0
             self.updateButtons()
+            return
+        if self._afterInstall == "segment" and self._installRun is not None and self._installRun.running:
+            self.cancelInstall()
             return
         with slicer.util.tryWithErrorDisplay("Segmentation could not be started.", waitCursor=True):
             replaced = self.logic.segmentsToBeReplaced(self._parameterNode)
@@ -295,48 +427,22 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     "(other segments are kept). Continue? To keep them, choose another output segmentation.",
                     "MedSegAI"):
                 return
-            if not self.ensureDependencies():
-                return
-            self.ui.logTextEdit.clear()
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = "Starting the engine…"
+            if self.ensureDependencies("segment"):
+                self.startSegmentation()
+        self.updateButtons()
+
+    def startSegmentation(self) -> None:
+        self.ui.logTextEdit.clear()
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = "Starting the engine…"
+        with slicer.util.tryWithErrorDisplay("Segmentation could not be started.", waitCursor=True):
             self._segmentationRun = self.logic.startSegmentation(self._parameterNode)
             self._pollTimer.start()
-        self.updateButtons()
-
-    def onPollTimer(self) -> None:
-        """Read the engine's progress (never blocks); finish when the process has ended."""
-        for run, isSegmentation in ((self._segmentationRun, True), (self._fineTuneRun, False)):
-            if run is None:
-                continue
-            for event in run.poll():
-                self.showProgress(event, isSegmentation)
-            for line in run.read_log():
-                self.ui.logTextEdit.appendPlainText(line)
-            if not run.running:
-                if isSegmentation:
-                    self.finishSegmentation(run)
-                else:
-                    self.finishFineTune(run)
-        if not (self._segmentationRun or self._fineTuneRun):
-            self._pollTimer.stop()
-        self.updateButtons()
-
-    def showProgress(self, event, isSegmentation: bool) -> None:
-        eta = ""
-        if event.eta_seconds is not None and event.fraction < 1.0:
-            minutes, seconds = divmod(int(round(event.eta_seconds)), 60)
-            eta = f", about {minutes}:{seconds:02d} left"
-        detail = f" {event.message}" if event.message else ""
-        text = f"{event.stage} {event.done}/{event.total}{eta}.{detail}"
-        if isSegmentation:
-            self.ui.progressBar.value = int(round(100 * event.fraction))
-            self.ui.statusLabel.text = text
-        else:
-            self.ui.fineTuneStatusLabel.text = f"Fine-tuning: {text}"
 
     def finishSegmentation(self, run) -> None:
         self._segmentationRun = None
+        if run.cancelled:
+            return
         self.ui.statusLabel.text = "Segmentation failed; the scene was not changed."
         with slicer.util.tryWithErrorDisplay("Segmentation failed.", waitCursor=True):
             result = self.logic.finishSegmentation(run)
@@ -350,36 +456,95 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Segment Editor could not be opened."):
             self.logic.openInSegmentEditor(self._parameterNode.outputSegmentation, self._parameterNode.inputVolume1)
 
-    # -- advanced ----------------------------------------------------------------------------
+    # -- dependencies ------------------------------------------------------------------------
 
     def onBrowseEnginePython(self) -> None:
         path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), "Python executable for the engine")
         if path:
             self._parameterNode.enginePython = path
+            self.showDependencyStatus()
+
+    def showDependencyStatus(self) -> None:
+        """Say which packages Segment and Fine-tune still need (installed after the user agrees)."""
+        if not self._parameterNode:
+            return
+        try:
+            with slicer.util.tryWithErrorDisplay("Dependencies could not be checked."):
+                segmentMissing = self.logic.missingPackages(self._parameterNode, "segment")
+                fineTuneMissing = self.logic.missingPackages(self._parameterNode, "fine-tune")
+                if segmentMissing:
+                    self.ui.statusLabel.text = (f"Segment needs {', '.join(segmentMissing)}; "
+                                                "it is offered for installation on the first Segment.")
+                if fineTuneMissing:
+                    self.ui.fineTuneStatusLabel.text = (f"Fine-tune needs {', '.join(fineTuneMissing)}; "
+                                                        "it is offered for installation on the first Fine-tune.")
+        except Exception:
+            logging.debug("MedSegAI: dependency check failed", exc_info=True)
 
     def onCheckDependencies(self) -> None:
         with slicer.util.tryWithErrorDisplay("Dependencies could not be checked.", waitCursor=True):
-            if self.ensureDependencies():
-                slicer.util.infoDisplay("The engine has every package it needs.")
+            missing = self.logic.missingPackages(self._parameterNode, "segment")
+            missing += [name for name in self.logic.missingPackages(self._parameterNode, "fine-tune") if name not in missing]
+            if not missing:
+                slicer.util.infoDisplay("The engine has every package Segment and Fine-tune need.")
+                return
+            if self.offerInstall(missing, None):
+                self.ui.statusLabel.text = "Installing packages; see the log."
 
-    def ensureDependencies(self) -> bool:
-        """Offer to install missing engine packages from requirements.txt; True when all are there."""
-        parameterNode = self._parameterNode
-        missing = self.logic.missingPackages(parameterNode)
+    def ensureDependencies(self, purpose: str) -> bool:
+        """True when ``purpose`` can start now; otherwise offer the install (which continues it when done)."""
+        missing = self.logic.missingPackages(self._parameterNode, purpose)
         if not missing:
             return True
+        if self.offerInstall(missing, purpose):
+            status = f"Installing {', '.join(missing)}; {purpose} starts when it is done (see the log)."
+        else:
+            status = f"Missing packages: {', '.join(missing)}; {purpose} not started."
+        if purpose == "segment":
+            self.ui.statusLabel.text = status
+        else:
+            self.ui.fineTuneStatusLabel.text = status
+        return False
+
+    def offerInstall(self, missing: list, purpose: Optional[str]) -> bool:
+        """Ask, then start installing ``missing`` in the background; True when the install started."""
         lines = self.logic.requirementsToInstall(missing)
-        if parameterNode.enginePython.strip():
+        enginePython = self._parameterNode.enginePython.strip()
+        if enginePython:
             raise MedSegAIInputError(
                 f"The engine Python lacks {', '.join(missing)}; install them into it with "
-                f"`{parameterNode.enginePython} -m pip install {' '.join(repr(line) for line in lines)}`.")
+                f"`{enginePython} -m pip install {' '.join(repr(line) for line in lines)}`.")
         question = (f"MedSegAI needs these Python packages: {', '.join(lines)}.\n\n"
-                    "Install them now into Slicer's Python? (Slicer's own packages are not changed.)")
+                    "Install them now into Slicer's Python? Packages Slicer already has are kept as they are; "
+                    "this can take a few minutes and runs in the background.")
         if not slicer.util.confirmOkCancelDisplay(question, "MedSegAI dependencies"):
-            self.ui.statusLabel.text = f"Missing packages: {', '.join(missing)}; segmentation not started."
             return False
-        self.logic.installRequirements(lines)
-        return not self.logic.missingPackages(parameterNode)
+        self.ui.logTextEdit.clear()
+        self._installRun = self.logic.startInstall(lines, self._parameterNode)
+        self._afterInstall = purpose
+        self._pollTimer.start()
+        return True
+
+    def cancelInstall(self) -> None:
+        self._installRun.cancel()
+        self._installRun = None
+        self._afterInstall = None
+        self.ui.statusLabel.text = "Installation cancelled."
+        self.updateButtons()
+
+    def finishInstall(self, run) -> None:
+        self._installRun = None
+        purpose, self._afterInstall = self._afterInstall, None
+        if run.cancelled:
+            return
+        with slicer.util.tryWithErrorDisplay("The packages could not be installed.", waitCursor=True):
+            self.logic.finishInstall(run, self._parameterNode, purpose)
+            slicer.util.showStatusMessage(f"Installed {', '.join(run.lines)}.", 5000)
+            self.ui.statusLabel.text = f"Installed {', '.join(run.lines)}."
+            if purpose == "segment":
+                self.startSegmentation()
+            elif purpose == "fine-tune":
+                self.startFineTune()
 
     # -- export and fine-tuning --------------------------------------------------------------
 
@@ -409,18 +574,27 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.fineTuneStatusLabel.text = "Fine-tuning cancelled; no model was added."
             self.updateButtons()
             return
+        if self._afterInstall == "fine-tune" and self._installRun is not None and self._installRun.running:
+            self.cancelInstall()
+            return
         with slicer.util.tryWithErrorDisplay("Fine-tuning could not be started.", waitCursor=True):
-            question = ("Train a new version of the selected model on the dataset folder? This runs in the background "
-                        "and can take a long time; the current model stays installed.")
+            question = self.logic.fineTuneQuestion(self._parameterNode)
             if not slicer.util.confirmOkCancelDisplay(question, "MedSegAI fine-tuning"):
                 return
+            if self.ensureDependencies("fine-tune"):
+                self.startFineTune()
+        self.updateButtons()
+
+    def startFineTune(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Fine-tuning could not be started.", waitCursor=True):
             self._fineTuneRun = self.logic.startFineTune(self._parameterNode)
             self.ui.fineTuneStatusLabel.text = "Fine-tuning started…"
             self._pollTimer.start()
-        self.updateButtons()
 
     def finishFineTune(self, run) -> None:
         self._fineTuneRun = None
+        if run.cancelled:
+            return
         self.ui.fineTuneStatusLabel.text = "Fine-tuning failed; no model was added."
         with slicer.util.tryWithErrorDisplay("Fine-tuning failed.", waitCursor=True):
             card = self.logic.finishFineTune(run)
@@ -435,7 +609,7 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class MedSegAILogic(ScriptedLoadableModuleLogic):
-    """Slicer-facing layer over MedSegAILib.slicer_logic (which works on any MRML scene).
+    """Slicer-facing layer over MedSegAILib (slicer_logic, dependencies, model_store; any MRML scene).
 
     Errors a user can cause are MedSegAIInputError with one clear sentence; the widget shows them.
     """
@@ -443,6 +617,7 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.lastResult = None
+        self._cards = {}
 
     def getParameterNode(self) -> MedSegAIParameterNode:
         return MedSegAIParameterNode(super().getParameterNode())
@@ -452,10 +627,21 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
     def availableModels(self) -> list:
         from MedSegAILib.modelcard import list_models
 
-        return list_models()
+        cards = list_models()
+        self._cards = {self._cardKey(str(card.folder)): card for card in cards}
+        return cards
+
+    @staticmethod
+    def _cardKey(folder: str) -> tuple:
+        cardFile = Path(folder) / "model.json"
+        return (folder, cardFile.stat().st_mtime_ns if cardFile.is_file() else None)
 
     def modelCard(self, modelId: str):
-        return slicer_logic.resolve_model(modelId)
+        """The model's card, validated once per version of its model.json."""
+        key = self._cardKey(modelId) if modelId and os.path.isdir(modelId) else (modelId, None)
+        if key not in self._cards:
+            self._cards[key] = slicer_logic.resolve_model(modelId)
+        return self._cards[key]
 
     def modelDescriptionHtml(self, card) -> str:
         """Name, version, description, inputs and labels of a model, for the panel."""
@@ -467,7 +653,7 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
                 f"<br><i>Inputs:</i> {channels}<br><i>Labels:</i> {labels}")
 
     def importModel(self, folderOrZip: str):
-        return slicer_logic.import_model(folderOrZip)
+        return model_store.import_model(folderOrZip)
 
     # -- segmentation ------------------------------------------------------------------------
 
@@ -492,7 +678,7 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
             postprocessing=parameterNode.postprocessing,
             largest_component=choice[parameterNode.largestComponent],
             fill_holes=choice[parameterNode.fillHoles],
-            min_island_mm3=parameterNode.minimumIslandVolume if parameterNode.minimumIslandVolume >= 0 else None,
+            min_island_mm3=parameterNode.minimumIslandVolumeMm3 if parameterNode.minimumIslandOverride else None,
             python_executable=parameterNode.enginePython.strip() or None,
         )
 
@@ -501,7 +687,7 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
 
     def startSegmentation(self, parameterNode: MedSegAIParameterNode) -> slicer_logic.SegmentationRun:
         """Validate and start the engine process; returns the run to poll."""
-        card = slicer_logic.resolve_model(parameterNode.modelId)
+        card = self.modelCard(parameterNode.modelId)
         volumes = self.inputVolumeNodes(parameterNode)[: max(len(card.channels), 1)]
         extra = [node for node in self.inputVolumeNodes(parameterNode)[len(card.channels):] if node is not None]
         if extra:
@@ -528,13 +714,16 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
         return self.finishSegmentation(run)
 
     def showResult(self, result: slicer_logic.SegmentationResult) -> None:
-        """Show the segmentation over its input and the measurements table."""
+        """Show the segmentation over its input and the measurements table (in a layout that has a table view)."""
         displayNode = result.segmentation_node.GetDisplayNode()
         if displayNode is not None:
             displayNode.SetVisibility(True)
-        if result.table_node is not None and slicer.app.layoutManager() is not None:
-            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.table_node.GetID())
-            slicer.app.applicationLogic().PropagateTableSelection()
+        layoutManager = slicer.app.layoutManager()
+        if result.table_node is None or layoutManager is None:
+            return
+        layoutManager.setLayout(slicer.vtkSlicerTablesLogic.GetLayoutWithTable(layoutManager.layout))
+        slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.table_node.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
 
     def openInSegmentEditor(self, segmentationNode, sourceVolumeNode) -> None:
         if segmentationNode is None:
@@ -550,15 +739,30 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
 
     # -- dependencies ------------------------------------------------------------------------
 
-    def missingPackages(self, parameterNode: MedSegAIParameterNode) -> list:
-        return slicer_logic.missing_packages(parameterNode.backend, parameterNode.enginePython.strip() or None)
+    def missingPackages(self, parameterNode: MedSegAIParameterNode, purpose: str = "segment") -> list:
+        """Packages ``purpose`` ("segment" or "fine-tune") needs that the engine's Python lacks."""
+        card = None
+        if purpose == "segment" and parameterNode.modelId:
+            card = self.modelCard(parameterNode.modelId)
+        return dependencies.missing_packages(purpose, parameterNode.backend, parameterNode.enginePython.strip() or None, card)
 
     def requirementsToInstall(self, missing: list) -> list:
-        return slicer_logic.requirements_to_install(missing)
+        return dependencies.requirements_to_install(missing)
 
-    def installRequirements(self, lines: list) -> None:
-        """pip install the pinned lines into Slicer's Python (called only after the user agreed)."""
-        slicer.util.pip_install(lines)
+    def startInstall(self, lines: list, parameterNode: MedSegAIParameterNode) -> dependencies.PipInstallRun:
+        """pip install ``lines`` into the engine's Python (after the user agreed), Slicer's packages kept."""
+        return dependencies.PipInstallRun(lines, parameterNode.enginePython.strip() or None).start()
+
+    def finishInstall(self, run: dependencies.PipInstallRun, parameterNode: MedSegAIParameterNode,
+                      purpose: Optional[str]) -> None:
+        """Check the install; raises when pip failed or what was needed still cannot be imported."""
+        run.finish()
+        for needed in (purpose,) if purpose else ("segment", "fine-tune"):
+            stillMissing = self.missingPackages(parameterNode, needed)
+            if stillMissing and needed == purpose:
+                raise MedSegAIInputError(
+                    f"pip finished but {', '.join(stillMissing)} still cannot be imported; see the log, or choose "
+                    "an engine Python that has them under Advanced.")
 
     # -- export and fine-tuning --------------------------------------------------------------
 
@@ -579,12 +783,20 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
         caseId = slicer_logic.export_for_training(slicer.mrmlScene, segmentationNode, volumes, datasetFolder, card, original)
         return caseId, slicer_logic.dataset_case_changed_voxels(datasetFolder, caseId)
 
+    def fineTuneQuestion(self, parameterNode: MedSegAIParameterNode) -> str:
+        """The confirmation shown before fine-tuning starts."""
+        count = self.datasetCaseCount(parameterNode.datasetFolder)
+        return (f"Train a new version of the selected model on the {count} case(s) of the dataset folder? "
+                "This runs in the background; the current model stays installed.")
+
     def startFineTune(self, parameterNode: MedSegAIParameterNode) -> slicer_logic.FineTuneRun:
         return slicer_logic.start_fine_tune(parameterNode.datasetFolder.strip(), parameterNode.modelId,
                                             python_executable=parameterNode.enginePython.strip() or None)
 
     def finishFineTune(self, run: slicer_logic.FineTuneRun):
-        return run.finish()
+        card = run.finish()
+        self._cards.clear()
+        return card
 
 
 #
@@ -605,6 +817,8 @@ class MedSegAITest(ScriptedLoadableModuleTest):
         self.test_MedSegAI_badInputLeavesSceneUnchanged()
         self.setUp()
         self.test_MedSegAI_exportCorrectedLabels()
+        self.setUp()
+        self.test_MedSegAI_settingsSurviveModuleSwitch()
 
     def _sampleVolume(self):
         samplePath = Path(__file__).parent / "Resources" / "SampleData" / "abdomen-ct.nii.gz"
@@ -667,3 +881,26 @@ class MedSegAITest(ScriptedLoadableModuleTest):
         self.assertNotEqual(firstCase, secondCase)
         self.assertEqual(logic.datasetCaseCount(parameterNode.datasetFolder), 2)
         self.delayDisplay("Export test passed")
+
+    def test_MedSegAI_settingsSurviveModuleSwitch(self) -> None:
+        """Leaving and re-entering the module keeps every setting (Slicer 5.6/5.8 reset combo boxes)."""
+        self.delayDisplay("Switching modules")
+        slicer.util.selectModule("MedSegAI")
+        widget = slicer.modules.medsegai.widgetRepresentation().self()
+        parameterNode = widget.logic.getParameterNode()
+        parameterNode.device = "cpu"
+        parameterNode.backend = "tensorflow"
+        parameterNode.largestComponent = "off"
+        parameterNode.fillHoles = "on"
+        parameterNode.enginePython = "/opt/python/bin/python3"
+        for _ in range(3):
+            slicer.util.selectModule("Data")
+            slicer.util.selectModule("MedSegAI")
+        self.assertEqual((parameterNode.device, parameterNode.backend, parameterNode.largestComponent,
+                          parameterNode.fillHoles, parameterNode.enginePython),
+                         ("cpu", "tensorflow", "off", "on", "/opt/python/bin/python3"))
+        self.assertEqual(widget.ui.deviceComboBox.currentText, "cpu")
+        self.assertEqual(widget.ui.largestComponentComboBox.currentText, "off")
+        self.assertEqual(widget.ui.enginePythonLineEdit.text, "/opt/python/bin/python3")
+        parameterNode.enginePython = ""
+        self.delayDisplay("Settings test passed")

@@ -17,7 +17,7 @@ import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -223,6 +223,37 @@ def _numpy_dtype(pixel_id: int) -> np.dtype | None:
     return None if found is None else np.dtype(found)
 
 
+_NRRD_HEADER_LIMIT = 1 << 20  # an attached NRRD header is a few hundred bytes; refuse to scan further
+
+
+def _nrrd_header(handle: BinaryIO) -> dict[str, str] | None:
+    """The raw fields of an attached NRRD header (``field: value``, lower-case names); None if not NRRD.
+
+    Leaves ``handle`` just after the blank line that ends the header, where the voxels start.
+    Key/value pairs (``key:=value``) and comments are skipped; values stay strings.
+    """
+    magic = handle.readline(64)
+    if not magic.startswith(b"NRRD000"):
+        return None
+    fields: dict[str, str] = {}
+    while handle.tell() < _NRRD_HEADER_LIMIT:
+        raw = handle.readline(_NRRD_HEADER_LIMIT)
+        if not raw:
+            return None  # no data part
+        line = raw.decode("latin-1").rstrip()
+        if not line:
+            return fields
+        if line.startswith("#"):
+            continue
+        name, separator, value = line.partition(":")
+        if not separator:
+            return None
+        if value.startswith("="):  # a key/value pair, not a field
+            continue
+        fields[name.strip().lower()] = value.strip()
+    return None
+
+
 def _mapped_raw_nrrd(path: Path, reader: Any) -> np.ndarray | None:
     """The voxels of an uncompressed single-file 3D NRRD, memory-mapped read-only, or None.
 
@@ -232,8 +263,6 @@ def _mapped_raw_nrrd(path: Path, reader: Any) -> np.ndarray | None:
     the type ITK reports, the file exactly header + voxels long); anything else returns None and
     is read by ITK as before. ``reader``: an ``ImageFileReader`` after ``ReadImageInformation``.
     """
-    import nrrd
-
     if full_suffix(path) not in (".nrrd", ".seg.nrrd") or reader.GetDimension() != 3:
         return None
     dtype = _numpy_dtype(reader.GetPixelID())
@@ -241,22 +270,25 @@ def _mapped_raw_nrrd(path: Path, reader: Any) -> np.ndarray | None:
         return None
     try:
         with open(path, "rb") as handle:
-            header = nrrd.read_header(handle)
+            header = _nrrd_header(handle)
+            if header is None:
+                return None
             offset = handle.tell()
             shape = tuple(int(n) for n in reversed(reader.GetSize()))
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            kinds = header.get("kinds", "domain domain domain").split()
             if (
                 header.get("encoding") != "raw"
-                or header.get("dimension") != 3
-                or [int(n) for n in header.get("sizes", ())] != list(reversed(shape))
+                or header.get("dimension") != "3"
+                or header.get("sizes", "").split() != [str(n) for n in reversed(shape)]
                 or set(header) & _NRRD_LAYOUT_FIELDS
                 or (dtype.itemsize > 1 and header.get("endian") != sys.byteorder)
-                or not set(header.get("kinds", ("domain",) * 3)) <= {"domain", "space"}
+                or not set(kinds) <= {"domain", "space"}
                 or os.fstat(handle.fileno()).st_size != offset + nbytes
             ):
                 return None
             mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    except (nrrd.NRRDError, OSError, ValueError, TypeError, UnicodeError):
+    except (OSError, ValueError):
         return None
     return np.frombuffer(mapping, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(shape)
 

@@ -221,15 +221,15 @@ class ModelCard:
 
 def validate_model_dict(data: Any) -> list[str]:
     """Every problem of a parsed ``model.json``, as readable strings (empty list = valid)."""
-    import jsonschema
+    from .schema_check import iter_problems
 
     if not isinstance(data, dict):
         return [f"model.json must be a JSON object, not {type(data).__name__}"]
-    validator = jsonschema.Draft202012Validator(_schema())
     problems = []
-    for error in sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path)):
-        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        problems.append(f"{where}: {_short_message(error)}")
+    for problem in sorted(iter_problems(data, _schema()), key=lambda p: [str(part) for part in p.path]):
+        where = "/".join(str(part) for part in problem.path) or "(top level)"
+        message = problem.message if len(problem.message) < 200 else problem.message[:197] + "..."
+        problems.append(f"{where}: {message}")
     if problems:
         return problems
     values = [label["value"] for label in data["labels"]]
@@ -260,13 +260,6 @@ def validate_model_dict(data: Any) -> list[str]:
     if unknown:
         problems.append(f"postprocessing/thresholds: unknown labels {unknown}")
     return problems
-
-
-def _short_message(error: Any) -> str:
-    if error.validator == "oneOf":
-        return "does not match any allowed form (see schemas/model.schema.json)"
-    message = error.message
-    return message if len(message) < 200 else message[:197] + "..."
 
 
 def builtin_models_dir() -> Path:

@@ -381,8 +381,10 @@ def update_segmentation_node(segmentation_node: Any, labels: Volume, labels_spec
     labelmap_name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     was_modifying = segmentation_node.StartModify()
     try:
-        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
+        # The transform first: Slicer converts a reference geometry set under another parent
+        # transform into the node's frame, which would shift it by the input's transform.
         segmentation_node.SetAndObserveTransformNodeID(reference_volume_node.GetTransformNodeID())
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume_node)
         segmentation = segmentation_node.GetSegmentation()
         if segmentation.GetSourceRepresentationName() != labelmap_name:
             segmentation.SetSourceRepresentationName(labelmap_name)

@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Callable, TextIO
 
-__all__ = ["ProgressCallback", "make_reporter", "BarReporter", "JsonReporter", "format_duration"]
+__all__ = ["ProgressCallback", "make_reporter", "BarReporter", "JsonReporter", "format_duration", "parse_progress_line"]
 
 ProgressCallback = Callable[[str, int, int, str], None]
 
@@ -35,6 +35,24 @@ class JsonReporter:
         record = {"stage": stage, "done": int(done), "total": int(total), "message": message}
         self.stream.write(json.dumps(record) + "\n")
         self.stream.flush()
+
+
+def parse_progress_line(line: str) -> tuple[str, int, int, str] | None:
+    """``(stage, done, total, message)`` of one line a :class:`JsonReporter` wrote, or None for other text."""
+    text = line.strip()
+    if not text.startswith("{"):
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(record, dict) or "stage" not in record:
+        return None
+    try:
+        return (str(record["stage"]), int(record.get("done", 0) or 0), int(record.get("total", 0) or 0),
+                str(record.get("message", "") or ""))
+    except (TypeError, ValueError):
+        return None
 
 
 class BarReporter:

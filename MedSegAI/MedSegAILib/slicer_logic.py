@@ -1,20 +1,18 @@
-"""The Slicer module's logic, on any ``vtkMRMLScene``: run the engine, fill the scene, export, fine-tune.
+"""The Slicer module's logic, on any ``vtkMRMLScene``: segment, fill the scene, export, fine-tune.
 
-``MedSegAI.py`` (the scripted module) is a thin GUI over this module; the pytest suites drive it
-with ``slicer-core``'s real MRML. Nothing here imports Qt, and ``slicer`` is imported only inside
+``MedSegAI.py`` (the scripted module) is a thin GUI over this module and its neighbours
+(:mod:`engine_process`, :mod:`dependencies`, :mod:`model_store`); the pytest suites drive it with
+``slicer-core``'s real MRML. Nothing here imports Qt, and ``slicer`` is imported only inside
 functions (through :mod:`MedSegAILib.mrml`).
 
-The engine always runs in a separate process (Slicer's own Python by default, or a Python the user
-chose), so Slicer stays responsive and a crash in TensorFlow/ONNX Runtime cannot take Slicer down::
+A segmentation runs the engine in its own process (:class:`SegmentationRun`)::
 
     python -m MedSegAILib.cli segment CH0.nrrd [CH1.nrrd ...] -o TMP/labels.nrrd --model FOLDER
            --progress json --measurements TMP/measurements.json --device D --backend B --overlap X
            [--tta] [--batch-size N] [post-processing switches]
 
-The process prints one JSON object a line on stdout (``stage``, ``done``, ``total``, ``message``),
-exits 0 on success, 2 with an ``error: ...`` line on stderr for bad input, 130 when cancelled and
-1 otherwise. :class:`EngineProcess` reads both pipes on background threads; :meth:`poll` never
-blocks, so the widget calls it from a ``QTimer``. The scene is changed only by
+and a fine-tune runs ``python -m MedSegAILib.cli train DATASET -o TMP/model --init FOLDER
+--progress json`` (:class:`FineTuneRun`). The scene is changed only by
 :meth:`SegmentationRun.finish` after a successful run; failure and cancel leave it as it was.
 
 Arrays follow :class:`MedSegAILib.image.Volume`: ``(z, y, x)``, LPS geometry.
@@ -25,17 +23,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
-import shutil
-import signal
-import stat
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-import zipfile
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,23 +33,24 @@ from typing import Any
 import numpy as np
 
 from . import mrml
-from .errors import MedSegAIError, MedSegAIInputError, ModelFolderError
+from .engine_process import (
+    TRAINING_STAGE_WEIGHTS,
+    EngineFailedError,
+    EngineProcess,
+    ProgressEvent,
+    check_python_executable,
+    engine_environment,
+)
+from .errors import MedSegAIInputError, ModelFolderError
 from .image import Volume
+from .model_store import install_model_folder
 
 __all__ = [
-    "EngineFailedError",
     "EngineOptions",
-    "ProgressEvent",
-    "EngineProcess",
     "SegmentationRun",
-    "EngineRun",
     "SegmentationResult",
     "FineTuneRun",
-    "STAGE_WEIGHTS",
-    "TRAINING_STAGE_WEIGHTS",
-    "module_folder",
-    "default_python_executable",
-    "engine_environment",
+    "SOURCE_MODEL_ATTRIBUTE",
     "resolve_model",
     "run_segmentation_blocking",
     "segments_to_be_replaced",
@@ -68,40 +58,12 @@ __all__ = [
     "dataset_case_count",
     "dataset_case_changed_voxels",
     "start_fine_tune",
-    "import_model",
-    "read_requirements",
-    "missing_packages",
-    "requirements_to_install",
-    "PROTECTED_PACKAGES",
-    "SOURCE_MODEL_ATTRIBUTE",
 ]
 
-# Share of the whole run each engine stage takes (for one progress bar and its ETA).
-STAGE_WEIGHTS: dict[str, float] = {
-    "read": 0.04,
-    "preprocess": 0.06,
-    "model": 0.75,
-    "stitch": 0.04,
-    "postprocess": 0.07,
-    "write": 0.04,
-}
-# The same for fine-tuning (``medsegai train --progress json``).
-TRAINING_STAGE_WEIGHTS: dict[str, float] = {"preprocess": 0.08, "train": 0.88, "export": 0.04}
-# Packages that Slicer ships itself: never installed or upgraded by MedSegAI.
-PROTECTED_PACKAGES = frozenset({"numpy", "simpleitk", "vtk"})
 # Segmentation node attribute recording which model produced the first mask (JSON).
 SOURCE_MODEL_ATTRIBUTE = "MedSegAI.SourceModel"
-CANCEL_GRACE_SECONDS = 1.5
-_LOG_LINES_KEPT = 2000
 
 
-class EngineFailedError(MedSegAIInputError):
-    """The engine process failed; the message is the engine's ``error:`` line or a short summary."""
-
-
-# --------------------------------------------------------------------------------------------
-# Options, progress, environment
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -165,91 +127,6 @@ class EngineOptions:
         return args
 
 
-@dataclass(frozen=True)
-class ProgressEvent:
-    """One progress line of the engine, with the overall estimate.
-
-    Attributes:
-        stage: engine stage (``read``, ``preprocess``, ``model``, ..., or ``train``).
-        done: steps done in this stage.
-        total: steps in this stage (0 = unknown).
-        message: the engine's message (e.g. epoch and validation Dice while training).
-        fraction: estimated fraction of the whole run done, in [0, 1].
-        eta_seconds: estimated seconds left, or None while too early to say.
-    """
-
-    stage: str
-    done: int
-    total: int
-    message: str
-    fraction: float
-    eta_seconds: float | None
-
-
-def module_folder() -> Path:
-    """The folder holding ``MedSegAILib`` (the Slicer module folder); goes on the engine's PYTHONPATH."""
-    return Path(__file__).resolve().parents[1]
-
-
-def _python_path_entries() -> list[str]:
-    entries = [str(module_folder())]
-    training = module_folder().parent / "training"  # source tree; installed extensions ship it beside MedSegAILib
-    if (training / "medsegai_training").is_dir():
-        entries.append(str(training))
-    return entries
-
-
-def _same_python(first: str, second: str) -> bool:
-    """Same executable path (symlinks are not resolved: a venv's python links to its base)."""
-    return os.path.normcase(os.path.abspath(first)) == os.path.normcase(os.path.abspath(second))
-
-
-def _running_in_slicer() -> bool:
-    """True inside the Slicer application (where ``slicer`` is imported and has ``app``)."""
-    module = sys.modules.get("slicer")
-    return module is not None and hasattr(module, "app")
-
-
-def default_python_executable() -> str:
-    """Slicer's own Python (``PythonSlicer``) inside Slicer, else this interpreter."""
-    if _running_in_slicer():
-        found = shutil.which("PythonSlicer")
-        if found:
-            return found
-    return sys.executable
-
-
-def engine_environment(python_executable: str | None = None) -> dict[str, str]:
-    """Environment for the engine process: MedSegAILib importable, output unbuffered.
-
-    An external Python gets Slicer's *startup* environment (without Slicer's PYTHONHOME and
-    library paths) so it runs as it would from a terminal.
-    """
-    external = bool(python_executable) and not _same_python(str(python_executable), default_python_executable())
-    env = dict(os.environ)
-    if external and _running_in_slicer():
-        import slicer
-
-        env = dict(slicer.util.startupEnvironment())
-    existing = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(_python_path_entries() + [p for p in existing if p not in _python_path_entries()])
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return env
-
-
-def _check_python_executable(python_executable: str | None) -> str:
-    if not python_executable:
-        return default_python_executable()
-    path = Path(python_executable).expanduser()
-    if not path.is_file() or not os.access(path, os.X_OK):
-        raise MedSegAIInputError(
-            f"The engine Python {python_executable} does not exist or is not executable; "
-            "choose a Python executable under Advanced or clear the field to use Slicer's Python."
-        )
-    return str(path)
-
-
 def resolve_model(model: Any) -> Any:
     """A :class:`MedSegAILib.modelcard.ModelCard` from a card, a model id or a model folder.
 
@@ -263,229 +140,6 @@ def resolve_model(model: Any) -> Any:
     if model is None or (isinstance(model, str) and not model.strip()):
         raise ModelFolderError("No model is selected; select an installed model or import one.")
     return find_model(str(model))
-
-
-# --------------------------------------------------------------------------------------------
-# A process with JSON-line progress
-# --------------------------------------------------------------------------------------------
-
-
-class EngineProcess:
-    """A child process printing JSON progress lines, followed without blocking.
-
-    Call :meth:`poll` repeatedly (e.g. from a ``QTimer``); it returns the new progress events.
-    :meth:`read_log` returns the new log lines (non-JSON stdout and all of stderr).
-    ``stage_weights`` (stage -> share of the whole run, in run order) turns stage progress into one
-    overall fraction, which never decreases.
-    """
-
-    stage_weights: dict[str, float] = STAGE_WEIGHTS
-
-    def __init__(self) -> None:
-        self.command: list[str] = []
-        self.process: subprocess.Popen[str] | None = None
-        self.temp_dir: Path | None = None
-        self.returncode: int | None = None
-        self.cancelled = False
-        self.start_time = 0.0
-        self.last_event: ProgressEvent | None = None
-        self.log_lines: deque[str] = deque(maxlen=_LOG_LINES_KEPT)
-        self._new_log: list[str] = []
-        self._stderr_tail: deque[str] = deque(maxlen=200)
-        self._queue: queue.Queue[tuple[str, str | None]] = queue.Queue()
-        self._threads: list[threading.Thread] = []
-        self._fraction_so_far = 0.0
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    def _launch(self, command: list[str], env: Mapping[str, str], cwd: str | None = None) -> None:
-        self.command = list(command)
-        kwargs: dict[str, Any] = {}
-        if os.name == "nt":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
-        else:
-            kwargs["start_new_session"] = True
-        self.start_time = time.monotonic()
-        try:
-            self.process = subprocess.Popen(
-                self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True, encoding="utf-8", errors="replace", bufsize=1, env=dict(env), cwd=cwd, **kwargs,
-            )
-        except OSError as e:
-            raise EngineFailedError(
-                f"The engine could not be started with {self.command[0]} ({e.strerror or e}); "
-                "check the engine Python under Advanced."
-            ) from e
-        for name, stream in (("stdout", self.process.stdout), ("stderr", self.process.stderr)):
-            thread = threading.Thread(target=self._reader, args=(name, stream), daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def _reader(self, name: str, stream: Any) -> None:
-        try:
-            for line in stream:
-                self._queue.put((name, line.rstrip("\r\n")))
-        except (OSError, ValueError):
-            pass
-        finally:
-            self._queue.put((name, None))
-
-    @property
-    def running(self) -> bool:
-        """True while the process is alive."""
-        return self.process is not None and self.process.poll() is None
-
-    @property
-    def state(self) -> str:
-        """``"not started"``, ``"running"``, ``"cancelled"``, ``"succeeded"`` or ``"failed"``."""
-        if self.process is None:
-            return "cancelled" if self.cancelled else "not started"
-        if self.running:
-            return "running"
-        if self.cancelled:
-            return "cancelled"
-        return "succeeded" if self.process.returncode == 0 else "failed"
-
-    def poll(self) -> list[ProgressEvent]:
-        """Read what the process printed so far (never blocks); returns the new progress events."""
-        events: list[ProgressEvent] = []
-        if self.process is None:
-            return events
-        ended = self.process.poll() is not None
-        if ended:
-            for thread in self._threads:
-                thread.join(timeout=5)
-            self.returncode = self.process.returncode
-        while True:
-            try:
-                name, line = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if line is None:
-                continue
-            event = self._parse_progress(line) if name == "stdout" else None
-            if event is not None:
-                events.append(event)
-                self.last_event = event
-                continue
-            if name == "stderr":
-                self._stderr_tail.append(line)
-            if line.strip():
-                self.log_lines.append(line)
-                self._new_log.append(line)
-        return events
-
-    def read_log(self) -> list[str]:
-        """Log lines received since the last call (call :meth:`poll` first)."""
-        lines, self._new_log = self._new_log, []
-        return lines
-
-    def wait(self, timeout: float | None = None, progress: Callable[[ProgressEvent], None] | None = None) -> int:
-        """Block until the process ends (polling every 50 ms); returns its exit code.
-
-        Raises:
-            TimeoutError: still running after ``timeout`` seconds (the process is cancelled).
-        """
-        if self.process is None:
-            raise RuntimeError("the process was not started")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            for event in self.poll():
-                if progress is not None:
-                    progress(event)
-            if not self.running:
-                for event in self.poll():
-                    if progress is not None:
-                        progress(event)
-                return int(self.process.returncode)
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
-                raise TimeoutError(f"the engine did not finish within {timeout} s and was stopped")
-            time.sleep(0.05)
-
-    def cancel(self, grace_seconds: float = CANCEL_GRACE_SECONDS) -> None:
-        """Stop the process: terminate, kill after ``grace_seconds`` (≤ 2 s total), remove temp files."""
-        self.cancelled = True
-        process = self.process
-        if process is not None and process.poll() is None:
-            self._signal(process, terminate=True)
-            try:
-                process.wait(timeout=max(0.0, min(grace_seconds, 1.9)))
-            except subprocess.TimeoutExpired:
-                self._signal(process, terminate=False)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    process.wait(timeout=5)
-        if process is not None:
-            self.returncode = process.poll()
-            self.poll()
-        self.cleanup()
-
-    @staticmethod
-    def _signal(process: subprocess.Popen[str], terminate: bool) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
-            if os.name != "nt":
-                os.killpg(process.pid, signal.SIGTERM if terminate else signal.SIGKILL)
-            elif terminate:
-                process.terminate()
-            else:
-                process.kill()
-
-    def cleanup(self) -> None:
-        """Remove the temporary folder (inputs, outputs) of this run."""
-        if self.temp_dir is not None:
-            shutil.rmtree(self.temp_dir, ignore_errors=True)
-            self.temp_dir = None
-
-    # -- progress ----------------------------------------------------------------------------
-
-    def _parse_progress(self, line: str) -> ProgressEvent | None:
-        text = line.strip()
-        if not text.startswith("{"):
-            return None
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError:
-            return None
-        if not isinstance(record, dict) or "stage" not in record:
-            return None
-        stage = str(record.get("stage", ""))
-        done = int(record.get("done", 0) or 0)
-        total = int(record.get("total", 0) or 0)
-        message = str(record.get("message", "") or "")
-        fraction = self._fraction(stage, done, total)
-        elapsed = time.monotonic() - self.start_time
-        eta = elapsed * (1.0 - fraction) / fraction if 0.02 <= fraction < 1.0 else (0.0 if fraction >= 1.0 else None)
-        return ProgressEvent(stage, done, total, message, fraction, eta)
-
-    def _fraction(self, stage: str, done: int, total: int) -> float:
-        within = min(1.0, done / total) if total > 0 else 0.0
-        weights = self.stage_weights
-        if stage in weights:
-            order = list(weights)
-            before = sum(weights[s] for s in order[: order.index(stage)])
-            fraction = min(1.0, before + weights[stage] * within)
-        else:
-            fraction = self._fraction_so_far
-        self._fraction_so_far = max(self._fraction_so_far, float(fraction))
-        return self._fraction_so_far
-
-    # -- errors ------------------------------------------------------------------------------
-
-    def error_message(self, what: str = "The engine") -> str:
-        """One sentence for a failed run, built from the engine's last ``error:`` line."""
-        for line in reversed(self._stderr_tail):
-            stripped = line.strip()
-            if stripped.lower().startswith("error:"):
-                text = stripped[len("error:"):].strip()
-                return text[:1].upper() + text[1:] if text else f"{what} failed."
-        code = self.returncode
-        last = next((line.strip() for line in reversed(self._stderr_tail) if line.strip()), "")
-        if code is not None and code < 0:
-            reason = f"was stopped by signal {-code}"
-        else:
-            reason = f"failed with exit code {code}"
-        detail = f" (last message: {last[:200]})" if last else ""
-        return f"{what} {reason}{detail}; see the log for details."
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,7 +242,7 @@ class SegmentationRun(EngineProcess):
         self.input_volumes = [
             mrml.volume_from_node(node, name, copy=False) for node, name in zip(self.volume_nodes, channels)
         ]
-        self.python_executable = _check_python_executable(self.options.python_executable)
+        self.python_executable = check_python_executable(self.options.python_executable)
 
     def start(self) -> "SegmentationRun":
         """Validate, write the inputs to a temporary folder and start the engine; returns self."""
@@ -694,10 +348,6 @@ def segments_to_be_replaced(segmentation_node: Any, model: Any) -> list[str]:
     card = resolve_model(model)
     segmentation = segmentation_node.GetSegmentation()
     return [label.name for label in card.labels if segmentation.GetSegmentIdBySegmentName(label.name)]
-
-
-# The name the design notes use for a segmentation run.
-EngineRun = SegmentationRun
 
 
 def _remove_node(scene: Any, node: Any) -> None:
@@ -891,7 +541,7 @@ class FineTuneRun(EngineProcess):
             from .modelcard import user_models_dir
 
             self.store_dir = user_models_dir()
-        python = _check_python_executable(self.python_executable)
+        python = check_python_executable(self.python_executable)
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.temp_dir = Path(tempfile.mkdtemp(prefix=f".{self.card.id}-training-", dir=self.store_dir))
         self.output_dir = self.temp_dir / "model"
@@ -923,7 +573,7 @@ class FineTuneRun(EngineProcess):
                 raise EngineFailedError(self.error_message("Fine-tuning"))
             if self.store_dir is None or self.output_dir is None or not self.output_dir.is_dir():
                 raise EngineFailedError("Fine-tuning finished without writing a model folder; see the log.")
-            return _install_model_folder(self.output_dir, self.store_dir)
+            return install_model_folder(self.output_dir, self.store_dir)
         finally:
             self.cleanup()
 
@@ -932,231 +582,3 @@ def start_fine_tune(dataset_dir: str | os.PathLike[str], model: Any, store_dir: 
                     python_executable: str | None = None, extra_arguments: Sequence[str] = ()) -> FineTuneRun:
     """Start fine-tuning ``model`` on ``dataset_dir`` in the background; poll/cancel/finish the result."""
     return FineTuneRun(dataset_dir, model, store_dir, python_executable, extra_arguments).start()
-
-
-# --------------------------------------------------------------------------------------------
-# Model import
-# --------------------------------------------------------------------------------------------
-
-_MAX_ZIP_BYTES = 8 * 1024**3
-_MAX_ZIP_FILES = 10000
-
-
-def _safe_extract(archive: Path, target: Path) -> None:
-    """Extract regular files only; refuse absolute paths, ``..``, links and zip bombs."""
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            members = zf.infolist()
-            if len(members) > _MAX_ZIP_FILES:
-                raise ModelFolderError(f"{archive.name} holds {len(members)} entries; a model archive holds a few files.")
-            total = 0
-            for info in members:
-                name = info.filename.replace("\\", "/")
-                parts = [p for p in name.split("/") if p not in ("", ".")]
-                if name.startswith("/") or ".." in parts or (parts and ":" in parts[0]):
-                    raise ModelFolderError(f"{archive.name} contains an unsafe path ({info.filename}); use a plain zip of the model folder.")
-                mode = (info.external_attr >> 16) & 0o170000
-                if mode and mode not in (stat.S_IFREG, stat.S_IFDIR):
-                    raise ModelFolderError(f"{archive.name} contains a link or special file ({info.filename}); zip plain files only.")
-                total += info.file_size
-                if total > _MAX_ZIP_BYTES:
-                    raise ModelFolderError(f"{archive.name} expands to more than {_MAX_ZIP_BYTES // 1024**3} GB; it is not a model archive.")
-            for info in members:
-                parts = [p for p in info.filename.replace("\\", "/").split("/") if p not in ("", ".")]
-                if info.is_dir() or not parts:
-                    continue
-                destination = target.joinpath(*parts)
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as source, open(destination, "xb") as sink:
-                    shutil.copyfileobj(source, sink)
-    except zipfile.BadZipFile as e:
-        raise ModelFolderError(f"{archive.name} is not a readable zip archive ({e}); select a model folder or its .zip.") from e
-
-
-def _find_model_root(folder: Path) -> Path:
-    if (folder / "model.json").is_file():
-        return folder
-    candidates = [p for p in folder.iterdir() if p.is_dir() and (p / "model.json").is_file()]
-    if len(candidates) == 1:
-        return candidates[0]
-    raise ModelFolderError("The archive does not contain one model folder with a model.json; zip the model folder itself.")
-
-
-def _copy_regular_files(source: Path, target: Path) -> None:
-    """Copy a model folder tree (regular files only; links are refused)."""
-    target.mkdir(parents=True)
-    for path in sorted(source.rglob("*")):
-        relative = path.relative_to(source)
-        if path.is_symlink():
-            raise ModelFolderError(f"The model folder contains a link ({relative}); copy the real files into it.")
-        if path.is_dir():
-            (target / relative).mkdir(parents=True, exist_ok=True)
-        elif path.is_file():
-            (target / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, target / relative)
-
-
-def _installed_versions(store_dir: Path, model_id: str) -> dict[str, Path]:
-    versions: dict[str, Path] = {}
-    if not store_dir.is_dir():
-        return versions
-    for folder in store_dir.iterdir():
-        card_path = folder / "model.json"
-        if folder.name.startswith(".") or not card_path.is_file():
-            continue
-        with contextlib.suppress(OSError, json.JSONDecodeError, UnicodeDecodeError):
-            data = json.loads(card_path.read_text(encoding="utf-8"))
-            if isinstance(data, dict) and data.get("id") == model_id:
-                versions[str(data.get("version"))] = folder
-    return versions
-
-
-def _install_model_folder(folder: Path, store_dir: Path) -> Any:
-    """Validate ``folder`` (a staging copy inside ``store_dir``) and rename it to ``<id>-<version>``."""
-    from .modelcard import ModelCard
-
-    card = ModelCard.from_folder(folder)
-    existing = _installed_versions(store_dir, card.id)
-    destination = store_dir / f"{card.id}-{card.version}"
-    if card.version in existing or destination.exists():
-        where = existing.get(card.version, destination)
-        raise ModelFolderError(
-            f"Model {card.id} version {card.version} is already installed in {where}; "
-            "give the new model another version (the installed one is kept unchanged)."
-        )
-    os.replace(folder, destination)
-    return ModelCard.from_folder(destination)
-
-
-def import_model(folder_or_zip: str | os.PathLike[str], store_dir: str | os.PathLike[str] | None = None) -> Any:
-    """Validate a model folder (or a .zip of one) and copy it into the model store.
-
-    Nothing in the folder is executed or imported; only ``model.json`` is parsed (the weights are
-    loaded later with Keras ``safe_mode``). The copy is staged in a hidden folder of the store and
-    renamed into place as ``<id>-<version>``; an installed version is never overwritten.
-
-    Args:
-        folder_or_zip: a model folder, or a ``.zip`` holding one (at its root or in one sub-folder).
-        store_dir: the model store (default: the user store, ``~/.medsegai/models``).
-
-    Returns:
-        The installed model's ModelCard.
-
-    Raises:
-        ModelFolderError: missing path, unsafe/invalid archive, invalid model, or version installed.
-    """
-    from .modelcard import user_models_dir
-
-    if not folder_or_zip or not str(folder_or_zip).strip():
-        raise ModelFolderError("No model folder or .zip is selected; choose one to import.")
-    source = Path(folder_or_zip).expanduser()
-    if not source.exists():
-        raise ModelFolderError(f"{source} does not exist; select a model folder or a .zip of one.")
-    store = Path(store_dir).expanduser() if store_dir else user_models_dir()
-    store.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".import-", dir=store))
-    try:
-        if source.is_dir():
-            from .modelcard import ModelCard
-
-            ModelCard.from_folder(source)  # validate before copying anything large
-            _copy_regular_files(source, staging / "model")
-            model_root = staging / "model"
-        elif zipfile.is_zipfile(source):
-            _safe_extract(source, staging / "unpacked")
-            model_root = _find_model_root(staging / "unpacked")
-        else:
-            raise ModelFolderError(f"{source.name} is neither a folder nor a .zip archive; select a model folder or its .zip.")
-        return _install_model_folder(model_root, store)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Dependencies
-# --------------------------------------------------------------------------------------------
-
-
-def _requirement_name(line: str) -> str:
-    import re
-
-    match = re.match(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line)
-    return match.group(1).lower().replace("_", "-") if match else ""
-
-
-def read_requirements(path: str | os.PathLike[str] | None = None) -> dict[str, str]:
-    """``{package name (lower case): requirement line}`` of ``Resources/requirements.txt``."""
-    path = Path(path) if path else module_folder() / "Resources" / "requirements.txt"
-    requirements: dict[str, str] = {}
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.split("#", 1)[0].strip()
-        name = _requirement_name(line)
-        if name:
-            requirements[name] = line
-    _check_no_protected(requirements)
-    return requirements
-
-
-# import name for the packages the engine needs in the process that runs it
-_IMPORT_NAMES = {"onnxruntime": "onnxruntime", "tensorflow": "tensorflow", "scipy": "scipy",
-                 "jsonschema": "jsonschema", "pydicom": "pydicom"}
-
-
-def missing_packages(backend: str = "auto", python_executable: str | None = None) -> list[str]:
-    """Packages the engine needs for ``backend`` that the engine's Python cannot import.
-
-    ``auto`` needs ONNX Runtime or TensorFlow (ONNX Runtime is proposed when neither is there).
-    """
-    if backend not in ("auto", "tensorflow", "onnx"):
-        raise ValueError(f"backend must be auto, tensorflow or onnx, got {backend!r}")
-    wanted = ["scipy", "jsonschema", "pydicom"]
-    candidates = {"onnx": ["onnxruntime"], "tensorflow": ["tensorflow"], "auto": ["onnxruntime", "tensorflow"]}[backend]
-    found = _importable(wanted + candidates, python_executable)
-    missing = [name for name in wanted if not found[name]]
-    if not any(found[name] for name in candidates):
-        missing.append(candidates[0])
-    return missing
-
-
-def _importable(names: list[str], python_executable: str | None) -> dict[str, bool]:
-    import importlib.util
-
-    modules = [_IMPORT_NAMES[name] for name in names]
-    python = python_executable or default_python_executable()
-    # No engine Python chosen: the engine runs with Slicer's own Python (PythonSlicer), whose
-    # packages are the ones this interpreter sees.
-    same = not python_executable or _same_python(python, sys.executable)
-    if same:
-        return {name: importlib.util.find_spec(module) is not None for name, module in zip(names, modules)}
-    code = "import importlib.util, json, sys; print(json.dumps([importlib.util.find_spec(m) is not None for m in sys.argv[1:]]))"
-    try:
-        output = subprocess.run([python, "-c", code, *modules], capture_output=True, text=True, timeout=60,
-                                env=engine_environment(python_executable), check=True).stdout
-        flags = json.loads(output.strip().splitlines()[-1])
-    except (OSError, subprocess.SubprocessError, json.JSONDecodeError, IndexError) as e:
-        raise MedSegAIInputError(f"The engine Python {python} could not be checked ({e}); choose a working Python under Advanced.") from e
-    return dict(zip(names, (bool(flag) for flag in flags)))
-
-
-def requirements_to_install(missing: Sequence[str], requirements: Mapping[str, str] | None = None) -> list[str]:
-    """Pinned requirement lines for the missing packages (never numpy, SimpleITK or VTK).
-
-    Raises:
-        MedSegAIInputError: a missing package is not listed in ``requirements.txt``.
-    """
-    requirements = dict(requirements) if requirements is not None else read_requirements()
-    lines = []
-    for name in missing:
-        key = name.lower().replace("_", "-")
-        if key in PROTECTED_PACKAGES:
-            raise MedSegAIInputError(f"{name} is part of Slicer and is never installed by MedSegAI; reinstall Slicer if it is broken.")
-        if key not in requirements:
-            raise MedSegAIInputError(f"{name} is needed but not listed in requirements.txt; install it manually with pip.")
-        lines.append(requirements[key])
-    return lines
-
-
-def _check_no_protected(requirements: Mapping[str, str]) -> None:
-    bad = sorted(PROTECTED_PACKAGES & set(requirements))
-    if bad:
-        raise MedSegAIError(f"requirements.txt lists packages Slicer ships ({', '.join(bad)}); remove them.")

@@ -316,28 +316,46 @@ def test_cmake_lists_every_engine_file_and_resource() -> None:
 
 
 def test_requirements_are_pinned_and_never_touch_slicer_packages() -> None:
-    from MedSegAILib import slicer_logic
+    from MedSegAILib import dependencies
     from MedSegAILib.errors import MedSegAIInputError
 
-    requirements = slicer_logic.read_requirements()
-    assert {"onnxruntime", "tensorflow"} <= set(requirements)
-    assert not {"numpy", "simpleitk", "vtk"} & set(requirements)
+    requirements = dependencies.read_requirements()
+    assert set(requirements) == {"onnxruntime", "tensorflow", "tf2onnx", "onnx"}
+    assert not dependencies.PROTECTED_PACKAGES & set(requirements)
     for name, line in requirements.items():
         assert re.search(r">=[0-9.]+,<[0-9.]+", line), f"{name} needs a pinned range, got {line!r}"
-    assert slicer_logic.requirements_to_install(["onnxruntime"]) == [requirements["onnxruntime"]]
-    with pytest.raises(MedSegAIInputError, match="part of Slicer"):
-        slicer_logic.requirements_to_install(["numpy"])
+    assert dependencies.requirements_to_install(["onnxruntime"]) == [requirements["onnxruntime"]]
+    for shipped in ("numpy", "scipy", "SimpleITK", "pydicom"):
+        with pytest.raises(MedSegAIInputError, match="Slicer ships it"):
+            dependencies.requirements_to_install([shipped])
     with pytest.raises(MedSegAIInputError, match="not listed"):
-        slicer_logic.requirements_to_install(["left-pad"])
+        dependencies.requirements_to_install(["left-pad"])
 
 
 def test_missing_packages_reports_only_what_is_absent() -> None:
-    from MedSegAILib import slicer_logic
+    from MedSegAILib import dependencies
 
-    assert slicer_logic.missing_packages("onnx") == []  # the test environment has ONNX Runtime
-    assert slicer_logic.missing_packages("tensorflow") == []
+    assert dependencies.missing_packages("segment", "onnx") == []  # the test environment has ONNX Runtime
+    assert dependencies.missing_packages("segment", "tensorflow") == []
+    assert dependencies.missing_packages("fine-tune") == []
     with pytest.raises(ValueError):
-        slicer_logic.missing_packages("torch")
+        dependencies.missing_packages("segment", "torch")
+    with pytest.raises(ValueError):
+        dependencies.missing_packages("train")
+
+
+def test_needed_packages_follow_the_model_files(analytic_model_dir: Path) -> None:
+    """auto: a model with model.onnx runs on ONNX Runtime or TensorFlow; a .keras-only model needs TensorFlow."""
+    from MedSegAILib import dependencies
+    from MedSegAILib.modelcard import ModelCard
+
+    card = ModelCard.from_folder(analytic_model_dir)
+    shipped = [(name,) for name in dependencies.SHIPPED_BY_SLICER]
+    assert dependencies.needed_packages("segment", "auto", card) == [*shipped, ("onnxruntime", "tensorflow")]
+    keras_only = type("Card", (), {"files": {"keras": "model.keras"}})()
+    assert dependencies.needed_packages("segment", "auto", keras_only) == [*shipped, ("tensorflow",)]
+    assert dependencies.needed_packages("segment", "onnx", keras_only) == [*shipped, ("onnxruntime",)]
+    assert dependencies.needed_packages("fine-tune") == [*shipped, ("tensorflow",), ("tf2onnx",), ("onnx",)]
 
 
 def test_icon_is_a_128_pixel_png() -> None:
@@ -352,11 +370,14 @@ def test_missing_packages_of_an_external_engine_python(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from MedSegAILib import slicer_logic
+    from MedSegAILib import dependencies
+    from MedSegAILib.errors import MedSegAIInputError
 
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True, timeout=120)
     python = tmp_path / "env" / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
-    missing = slicer_logic.missing_packages("onnx", str(python))
-    assert missing == ["scipy", "jsonschema", "pydicom", "onnxruntime"]
-    lines = slicer_logic.requirements_to_install(missing)
-    assert [line.split(">=")[0] for line in lines] == missing
+    missing = dependencies.missing_packages("segment", "onnx", str(python))
+    assert missing == ["numpy", "scipy", "simpleitk", "pydicom", "onnxruntime"]
+    with pytest.raises(MedSegAIInputError, match="numpy is missing"):
+        dependencies.requirements_to_install(missing)
+    assert dependencies.requirements_to_install(missing[-1:]) == [dependencies.read_requirements()["onnxruntime"]]
+    assert dependencies.missing_packages("fine-tune", python_executable=str(python))[-3:] == ["tensorflow", "tf2onnx", "onnx"]

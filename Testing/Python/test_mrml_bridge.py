@@ -281,3 +281,47 @@ def test_label_entries_forms() -> None:
         mrml.label_entries([{"name": "a", "value": 300}])
     with pytest.raises(TypeError):
         mrml.label_entries(5)
+
+
+@pytest.mark.parametrize("transform", ["translated", "rotated"])
+def test_reference_geometry_equals_the_input_under_a_parent_transform(scene, ct: Volume, transform: str) -> None:
+    """Segment Editor and DICOM SEG export use the reference geometry: it must be the input's own grid.
+
+    Slicer converts a reference geometry set under another parent transform into the node's frame;
+    with the input under a 100 mm translation (or a rotation) that shifted the geometry before.
+    """
+    import vtk
+
+    small = Volume(np.ascontiguousarray(ct.array[:8]), ct.spacing, ct.origin, ct.direction)
+    volume_node = mrml.add_volume_node(scene, small, "CT")
+    matrix = vtk.vtkMatrix4x4()
+    if transform == "translated":
+        matrix.SetElement(0, 3, 100.0)
+        matrix.SetElement(2, 3, -35.0)
+    else:
+        rotation = _rotation((10.0, -20.0, 30.0))
+        for row in range(3):
+            for column in range(3):
+                matrix.SetElement(row, column, rotation[row, column])
+        matrix.SetElement(1, 3, 42.0)
+    transform_node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform_node.SetMatrixTransformToParent(matrix)
+    volume_node.SetAndObserveTransformNodeID(transform_node.GetID())
+
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    labels = small.with_array((small.array > 200).astype(np.uint8))
+    mrml.update_segmentation_node(segmentation_node, labels, LABELS, volume_node)
+
+    assert segmentation_node.GetTransformNodeID() == transform_node.GetID()
+    geometry = slicer.vtkOrientedImageData()
+    reference = segmentation_node.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    slicer.vtkSegmentationConverter.DeserializeImageGeometry(reference, geometry)
+    geometry_matrix = vtk.vtkMatrix4x4()
+    geometry.GetImageToWorldMatrix(geometry_matrix)
+    as_array = np.array([[geometry_matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    assert np.allclose(as_array, _ijk_to_ras(volume_node), atol=1e-6)
+    extent = geometry.GetExtent()
+    assert [extent[1] + 1, extent[3] + 1, extent[5] + 1] == list(small.array.shape[::-1])
+    exported = mrml.labels_from_segmentation_node(segmentation_node, volume_node, LABELS)
+    assert np.array_equal(exported.array, labels.array)

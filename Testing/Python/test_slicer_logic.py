@@ -22,7 +22,7 @@ import pytest
 slicer = pytest.importorskip("slicer")
 sitk = pytest.importorskip("SimpleITK")
 
-from MedSegAILib import mrml, slicer_logic  # noqa: E402
+from MedSegAILib import engine_process, model_store, mrml, slicer_logic  # noqa: E402
 from MedSegAILib.errors import MedSegAIInputError, ModelFolderError  # noqa: E402
 from MedSegAILib.image import Volume  # noqa: E402
 
@@ -77,7 +77,7 @@ def _assert_bone_segmentation(result: slicer_logic.SegmentationResult, node, vol
 def test_round_trip_on_shared_ct_equals_command_line(scene, ct: Volume, ct_small: Path, analytic_model_dir: Path, tmp_path: Path) -> None:
     node = mrml.add_volume_node(scene, ct, "CT")
     before = scene.GetNumberOfNodes()
-    events: list[slicer_logic.ProgressEvent] = []
+    events: list[engine_process.ProgressEvent] = []
     result = slicer_logic.run_segmentation_blocking([node], str(analytic_model_dir), options=_cpu_onnx(),
                                                     progress=events.append, timeout=ENGINE_TIMEOUT)
     _assert_bone_segmentation(result, node, ct)
@@ -103,7 +103,7 @@ def test_round_trip_on_shared_ct_equals_command_line(scene, ct: Volume, ct_small
     completed = subprocess.run(
         [sys.executable, "-m", "MedSegAILib.cli", "segment", str(ct_small), "-o", str(output), "--model", str(analytic_model_dir),
          "--device", "cpu", "--backend", "onnx", "--progress", "none"],
-        capture_output=True, text=True, timeout=ENGINE_TIMEOUT, env=slicer_logic.engine_environment())
+        capture_output=True, text=True, timeout=ENGINE_TIMEOUT, env=engine_process.engine_environment())
     assert completed.returncode == 0, completed.stderr
     cli_labels = sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
     assert np.array_equal(cli_labels, result.labels.array)
@@ -189,8 +189,10 @@ def test_cancel_leaves_no_nodes_files_or_process(scene, shared_data: Path, analy
     pid = run.process.pid
     started = time.monotonic()
     run.cancel()
+    assert time.monotonic() - started <= 0.1  # the Qt thread does not wait
+    assert run.wait_stopped(2.0), "the engine tree must be gone within 2 s"
     assert time.monotonic() - started <= 2.0
-    assert run.process.poll() is not None
+    assert not run.running and run.process.poll() is not None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
     assert run.state == "cancelled"
@@ -282,7 +284,7 @@ def test_engine_that_crashes(scene, ct: Volume, analytic_model_dir: Path, tmp_pa
 
 
 def test_error_message_uses_the_engines_error_line() -> None:
-    process = slicer_logic.EngineProcess()
+    process = engine_process.EngineProcess()
     process.returncode = 2
     process._stderr_tail.extend(["some warning", "error: input file x.nrrd is truncated; export it again.", ""])
     assert process.error_message() == "Input file x.nrrd is truncated; export it again."
@@ -323,12 +325,12 @@ def _copy_model(source: Path, target: Path, version: str | None = None) -> Path:
 
 def test_import_model_folder_and_zip_never_overwrite(analytic_model_dir: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    card = slicer_logic.import_model(analytic_model_dir, store)
+    card = model_store.import_model(analytic_model_dir, store)
     assert card.folder == (store / "analytic-bone-2d-1.0.0").resolve()
     assert (card.folder / "model.onnx").read_bytes() == (analytic_model_dir / "model.onnx").read_bytes()
     stamp = (card.folder / "model.json").stat().st_mtime_ns
     with pytest.raises(ModelFolderError, match="already installed"):
-        slicer_logic.import_model(analytic_model_dir, store)
+        model_store.import_model(analytic_model_dir, store)
     assert (card.folder / "model.json").stat().st_mtime_ns == stamp
 
     newer = _copy_model(analytic_model_dir, tmp_path / "src" / "analytic", version="1.1.0")
@@ -336,7 +338,7 @@ def test_import_model_folder_and_zip_never_overwrite(analytic_model_dir: Path, t
     with zipfile.ZipFile(archive, "w") as zf:
         for path in newer.iterdir():
             zf.write(path, f"analytic/{path.name}")
-    second = slicer_logic.import_model(archive, store)
+    second = model_store.import_model(archive, store)
     assert second.version == "1.1.0" and second.folder.name == "analytic-bone-2d-1.1.0"
     assert sorted(p.name for p in store.iterdir()) == ["analytic-bone-2d-1.0.0", "analytic-bone-2d-1.1.0"]
 
@@ -348,7 +350,7 @@ def test_import_refuses_unsafe_or_invalid_archives(analytic_model_dir: Path, tmp
         zf.writestr("model.json", (analytic_model_dir / "model.json").read_text())
         zf.writestr("../../outside.txt", "should never be written")
     with pytest.raises(ModelFolderError, match="unsafe path"):
-        slicer_logic.import_model(traversal, store)
+        model_store.import_model(traversal, store)
     assert not (tmp_path / "outside.txt").exists() and not (store.parent / "outside.txt").exists()
 
     link = tmp_path / "link.zip"
@@ -357,16 +359,16 @@ def test_import_refuses_unsafe_or_invalid_archives(analytic_model_dir: Path, tmp
         info.external_attr = (0o120777 << 16)
         zf.writestr(info, "/etc/passwd")
     with pytest.raises(ModelFolderError, match="link"):
-        slicer_logic.import_model(link, store)
+        model_store.import_model(link, store)
 
     invalid = _copy_model(analytic_model_dir, tmp_path / "invalid")
     (invalid / "model.json").write_text("{\"id\": \"x\"}")
     with pytest.raises(ModelFolderError, match="invalid model.json"):
-        slicer_logic.import_model(invalid, store)
+        model_store.import_model(invalid, store)
     not_zip = tmp_path / "notes.txt"
     not_zip.write_text("hello")
     with pytest.raises(ModelFolderError, match="neither a folder nor a .zip"):
-        slicer_logic.import_model(not_zip, store)
+        model_store.import_model(not_zip, store)
     assert [p for p in store.iterdir()] == []  # no staging leftovers
 
 
@@ -402,15 +404,15 @@ def test_fine_tune_registers_a_new_version(ct: Volume, tmp_path: Path) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "MedSegAILib.cli", "train", str(dataset_dir), "-o", str(parent), "--config", str(recipe),
          "--epochs", "1", "--max-steps", "1", "--progress", "none"],
-        capture_output=True, text=True, timeout=900, env=slicer_logic.engine_environment())
+        capture_output=True, text=True, timeout=900, env=engine_process.engine_environment())
     assert completed.returncode == 0, completed.stderr[-2000:]
 
     store = tmp_path / "store"
-    parent_card = slicer_logic.import_model(parent, store)
+    parent_card = model_store.import_model(parent, store)
     run = slicer_logic.start_fine_tune(dataset_dir, str(parent_card.folder), store_dir=store,
                                        extra_arguments=["--epochs", "1", "--max-steps", "1"])
     assert run.running
-    events: list[slicer_logic.ProgressEvent] = []
+    events: list[engine_process.ProgressEvent] = []
     run.wait(timeout=900, progress=events.append)
     new = run.finish()
     assert new.id == parent_card.id and new.version != parent_card.version
