@@ -721,7 +721,7 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
         layoutManager = slicer.app.layoutManager()
         if result.table_node is None or layoutManager is None:
             return
-        layoutManager.setLayout(slicer.vtkSlicerTablesLogic.GetLayoutWithTable(layoutManager.layout))
+        layoutManager.setLayout(slicer.modules.tables.logic().GetLayoutWithTable(layoutManager.layout))
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.table_node.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
 

@@ -8,15 +8,19 @@ panel runs is either shipped by every supported Slicer (numpy, scipy, SimpleITK,
   first; TensorFlow also runs them), TensorFlow for ``.keras``-only models.
 - **Fine-tune** needs TensorFlow (training) and tf2onnx + onnx (the ONNX copy of the new model).
 
-Installing uses pip in the engine's Python with *constraints* written from that Python's own
-installed versions, so pip may add packages but never upgrade or downgrade one that is there
-(Slicer's numpy, scipy, SimpleITK, pydicom, requests ...). When that is impossible pip fails and
-nothing is changed. :class:`PipInstallRun` runs pip as a separate process, followed like the engine
+Installing uses pip in the engine's Python with *constraints*: every package the Python held
+before MedSegAI first installed anything into it (Slicer's numpy, scipy, SimpleITK, pydicom,
+requests ..., and whatever the user or other extensions added) is pinned at its installed version,
+so pip may add packages but never upgrade or downgrade one of those; what MedSegAI itself added
+(onnxruntime and its dependencies, say) stays free for the next install (TensorFlow may need
+another protobuf). That baseline is recorded once per Python in ``~/.medsegai`` (or
+``$MEDSEGAI_HOME``). When the constraints cannot be met, pip fails and nothing is changed. :class:`PipInstallRun` runs pip as a separate process, followed like the engine
 (the panel stays responsive, the log shows pip's output, Cancel stops it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -46,6 +50,7 @@ __all__ = [
     "SHIPPED_BY_SLICER",
     "PROTECTED_PACKAGES",
     "PipInstallRun",
+    "baseline_versions",
     "installed_versions",
     "missing_packages",
     "needed_packages",
@@ -204,8 +209,35 @@ def installed_versions(python_executable: str | None = None) -> dict[str, str]:
     return {_normalise(name): str(version) for name, version in found.items()}
 
 
+def _baseline_file(python: str) -> Path:
+    home = Path(os.environ.get("MEDSEGAI_HOME", Path.home() / ".medsegai")).expanduser()
+    key = hashlib.sha256(os.path.normcase(os.path.abspath(python)).encode("utf-8")).hexdigest()[:16]
+    return home / f"packages-before-medsegai-{key}.json"
+
+
+def baseline_versions(python_executable: str | None = None) -> dict[str, str]:
+    """What the engine's Python held before MedSegAI first installed into it: the packages never changed.
+
+    Recorded at the first call for that Python (the current installed versions), read back later.
+    """
+    python = python_executable or default_python_executable()
+    path = _baseline_file(python)
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(recorded, dict) and recorded.get("python") == python and isinstance(recorded.get("versions"), dict):
+            return {str(name): str(version) for name, version in recorded["versions"].items()}
+    except (OSError, ValueError):
+        pass
+    versions = installed_versions(python_executable)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps({"python": python, "versions": versions}, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(temporary, path)
+    return versions
+
+
 def write_constraints(path: str | os.PathLike[str], versions: Mapping[str, str]) -> Path:
-    """Write pip constraints ``name==version`` that keep every installed package as it is.
+    """Write pip constraints ``name==version`` that keep those packages as they are.
 
     Versions pip could not parse (a development build's label) are left out.
     """
@@ -222,7 +254,8 @@ class PipInstallRun(EngineProcess):
         lines: requirement lines (from :func:`requirements_to_install`).
         python_executable: the engine's Python; None = Slicer's own (``PythonSlicer``).
 
-    After it ended, :meth:`finish` checks that no package that was installed before changed version.
+    Every package of :func:`baseline_versions` that is installed is pinned; after pip ended,
+    :meth:`finish` checks that none of them changed version.
     """
 
     stage_weights: dict[str, float] = {}
@@ -232,6 +265,7 @@ class PipInstallRun(EngineProcess):
         self.lines = [str(line) for line in lines]
         self.python_executable = python_executable
         self.versions_before: dict[str, str] = {}
+        self.protected_versions: dict[str, str] = {}
 
     def start(self) -> "PipInstallRun":
         """Write the constraints and start pip; returns self."""
@@ -240,9 +274,12 @@ class PipInstallRun(EngineProcess):
         if not self.lines:
             raise ValueError("nothing to install")
         python = check_python_executable(self.python_executable) if self.python_executable else default_python_executable()
+        baseline = baseline_versions(self.python_executable)
         self.versions_before = installed_versions(self.python_executable)
+        kept = {name: version for name, version in self.versions_before.items() if name in baseline}
         self.temp_dir = Path(tempfile.mkdtemp(prefix="medsegai-pip-"))
-        constraints = write_constraints(self.temp_dir / "constraints.txt", self.versions_before)
+        constraints = write_constraints(self.temp_dir / "constraints.txt", kept)
+        self.protected_versions = kept
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8", PIP_NO_INPUT="1",
                    PIP_DISABLE_PIP_VERSION_CHECK="1")
         command = [python, "-m", "pip", "install", "--progress-bar", "off", "-c", str(constraints), *self.lines]
@@ -273,7 +310,7 @@ class PipInstallRun(EngineProcess):
                     "installed (see the log); install them into another Python and choose it under Advanced."
                 )
             after = installed_versions(self.python_executable)
-            changed = sorted(name for name, version in self.versions_before.items() if after.get(name) != version)
+            changed = sorted(name for name, version in self.protected_versions.items() if after.get(name) != version)
             if changed:
                 raise EngineFailedError(f"pip changed installed packages ({', '.join(changed)}); reinstall Slicer.")
             return list(self.lines)

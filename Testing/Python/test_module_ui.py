@@ -381,3 +381,70 @@ def test_missing_packages_of_an_external_engine_python(tmp_path: Path) -> None:
         dependencies.requirements_to_install(missing)
     assert dependencies.requirements_to_install(missing[-1:]) == [dependencies.read_requirements()["onnxruntime"]]
     assert dependencies.missing_packages("fine-tune", python_executable=str(python))[-3:] == ["tensorflow", "tf2onnx", "onnx"]
+
+
+def test_extension_follows_slicers_current_template() -> None:
+    """CMake policy range of the 5.10+ template (still building with 5.8's CMake), a screenshot that exists,
+    and the Extensions Index entry that holds the category since 5.10."""
+    import json
+
+    top = (MODULE_DIR.parent / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"cmake_minimum_required\(VERSION 3\.16\.3\.\.\.3\.28\.0 FATAL_ERROR\)", top)
+    for variable in ("EXTENSION_SCREENSHOTURLS", "EXTENSION_ICONURL"):
+        url = re.search(rf'set\({variable} "([^"]+)"\)', top).group(1)
+        relative = url.split("/main/", 1)[1]
+        assert (MODULE_DIR.parent / relative).is_file(), f"{variable} names {relative}, which does not exist"
+    entry = json.loads((MODULE_DIR.parent / "MedSegAI.json").read_text(encoding="utf-8"))
+    assert entry["$schema"].startswith("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema")
+    assert entry["category"] == "Segmentation" and entry["scm_url"].endswith(".git")
+    assert set(entry) <= {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                          "build_subdirectory", "enabled", "tier"}
+
+
+def _method(tree: ast.Module, name: str) -> ast.FunctionDef:
+    widget = _class(tree, "MedSegAIWidget")
+    return next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == name)
+
+
+def test_panel_binds_with_a_tag_every_slicer_version_returns(tree: ast.Module, ui_bindings: dict[str, str]) -> None:
+    """connectGui returns None before Slicer 5.10 (its connectors could never be disconnected and reset the
+    combo boxes on every enter); connectParametersToGui returns a tag in 5.6-5.12."""
+    source = ast.unparse(_class(tree, "MedSegAIWidget"))
+    assert ".connectGui(" not in source
+    assert "self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(self.parameterWidgets())" in source
+    assert "self._parameterNode.disconnectGui(self._parameterNodeGuiTag)" in source
+    # Every line edit the user types into goes through the connector that never rewrites unchanged text.
+    typed = {name for name, cls in ui_bindings.items() if cls == "QLineEdit"}
+    assert typed == set(_constant(tree, "TYPED_TEXT_PARAMETERS"))
+    connector = ast.unparse(_class(tree, "TypedTextConnector"))
+    assert "if value != self._widget.text" in connector
+
+
+def test_timer_tick_always_ends_with_buttons_and_timer_state(tree: ast.Module) -> None:
+    """A finish that raises (tryWithErrorDisplay shows, then re-raises) must not skip the button update."""
+    tick = _method(tree, "onPollTimer")
+    handlers = [node for node in ast.walk(tick) if isinstance(node, ast.Try)]
+    assert handlers and handlers[0].finalbody
+    final = ast.unparse(ast.Module(body=handlers[0].finalbody, type_ignores=[]))
+    assert "self._pollTimer.stop()" in final and "self.updateButtons()" in final
+
+
+def test_closing_the_scene_cancels_quietly(tree: ast.Module) -> None:
+    """Closing the scene mid-run cancels and forgets the run, so no 'Segmentation failed' pop-up follows."""
+    source = ast.unparse(_method(tree, "onSceneStartClose"))
+    assert "self._segmentationRun.cancel()" in source and "self._segmentationRun = None" in source
+    finish = ast.unparse(_method(tree, "finishSegmentation"))
+    assert finish.index("if run.cancelled:") < finish.index("tryWithErrorDisplay")
+
+
+def test_model_selection_is_described_once(tree: ast.Module) -> None:
+    """Selecting a model programmatically does not also fire currentIndexChanged (the card was validated twice)."""
+    source = ast.unparse(_method(tree, "selectModelInComboBox"))
+    assert source.index("blockSignals(True)") < source.index("setCurrentIndex(index)") < source.index("blockSignals(wasBlocked)")
+    assert source.count("self.onModelChanged(index)") == 1
+
+
+def test_setup_survives_errors_of_the_model_list(tree: ast.Module) -> None:
+    """tryWithErrorDisplay re-raises: setup() must go on so the panel opens even if listing models fails."""
+    source = ast.unparse(_method(tree, "populateModels"))
+    assert source.index("try:") < source.index("tryWithErrorDisplay") and "except Exception" in source
