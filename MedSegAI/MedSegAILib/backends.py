@@ -132,30 +132,15 @@ class KerasPredictor:
             except RuntimeError:
                 pass
         self.device = "gpu" if gpus and device != "cpu" else "cpu"
-        _register_custom_objects()
-        import keras
+        from .keras_model import load_keras_model
 
-        try:
-            model = keras.saving.load_model(str(path), compile=False, safe_mode=True)
-        except Exception as e:  # keras raises ValueError/TypeError/OSError for unsafe or broken files
-            raise ModelFolderError(
-                f"refused to load {path}: {e}. Model files with Lambda layers or other code are not allowed; "
-                "re-export the model without them."
-            ) from e
+        model = load_keras_model(path)
         self._model = model
         self._call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         output = self._call(np.ascontiguousarray(batch, dtype=np.float32))
         return np.asarray(output, dtype=np.float32)
-
-
-def _register_custom_objects() -> None:
-    """Import the serialisable layers/losses of the training package, when installed."""
-    if _installed("medsegai_training"):
-        for module in ("medsegai_training.models", "medsegai_training.losses"):
-            if importlib.util.find_spec(module) is not None:
-                importlib.import_module(module)
 
 
 def load_predictor(card: ModelCard, backend: str = "auto", device: str = "auto") -> Predictor:

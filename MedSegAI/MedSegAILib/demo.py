@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import MedSegAIInputError
+from .errors import MedSegAIInputError, optional_import
 
 __all__ = ["sample_ct_path", "run_demo", "main"]
 
@@ -40,6 +40,7 @@ def run_demo(output_dir: str | Path, model: str | None = None) -> dict[str, Path
         "measurements": output_dir / "measurements.csv",
         "preview": output_dir / "preview.png",
     }
+    optional_import("matplotlib", "The demo's preview image")  # before any file is written
     sample = sample_ct_path()
     if not sample.is_file():
         raise MedSegAIInputError(f"the sample CT {sample} is missing; restore it with `git checkout -- {sample}`.")

@@ -6,7 +6,8 @@ panel runs is either shipped by every supported Slicer (numpy, scipy, SimpleITK,
 
 - **Segment** needs one inference backend: ONNX Runtime for models with a ``model.onnx`` (proposed
   first; TensorFlow also runs them), TensorFlow for ``.keras``-only models.
-- **Fine-tune** needs TensorFlow (training) and tf2onnx + onnx (the ONNX copy of the new model).
+- **Fine-tune** needs TensorFlow (training), tf2onnx + onnx (the ONNX copy of the new model) and
+  ONNX Runtime (which checks that copy against Keras).
 
 Installing uses pip in the engine's Python with *constraints*: every package the Python held
 before MedSegAI first installed anything into it (Slicer's numpy, scipy, SimpleITK, pydicom,
@@ -118,7 +119,7 @@ def needed_packages(purpose: str = "segment", backend: str = "auto", card: Any =
         raise ValueError(f"backend must be auto, tensorflow or onnx, got {backend!r}")
     groups: list[tuple[str, ...]] = [(name,) for name in SHIPPED_BY_SLICER]
     if purpose == "fine-tune":
-        return [*groups, ("tensorflow",), ("tf2onnx",), ("onnx",)]
+        return [*groups, ("tensorflow",), ("tf2onnx",), ("onnx",), ("onnxruntime",)]
     files = getattr(card, "files", None) or {}
     if backend == "onnx":
         groups.append(("onnxruntime",))

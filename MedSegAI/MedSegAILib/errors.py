@@ -8,7 +8,10 @@ else is a bug and gets exit code 1.
 
 from __future__ import annotations
 
-__all__ = ["MedSegAIError", "MedSegAIInputError", "ModelFolderError", "CancelledError"]
+import importlib
+from types import ModuleType
+
+__all__ = ["MedSegAIError", "MedSegAIInputError", "ModelFolderError", "CancelledError", "optional_import"]
 
 
 class MedSegAIError(Exception):
@@ -25,3 +28,25 @@ class ModelFolderError(MedSegAIInputError):
 
 class CancelledError(MedSegAIError):
     """The run was cancelled by the user (progress callback asked to stop)."""
+
+
+def optional_import(module: str, purpose: str, package: str | None = None) -> ModuleType:
+    """Import a package only some commands need, or say in one line what to install.
+
+    Args:
+        module: the import name (``"slicerio"``).
+        purpose: what needs it, for the message (``"writing a .seg.nrrd segmentation"``).
+        package: the pip name, when it differs from ``module``.
+
+    Raises:
+        MedSegAIInputError: the package is not installed in this Python.
+    """
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is not None and e.name.split(".")[0] != module.split(".")[0]:
+            raise
+        raise MedSegAIInputError(
+            f"{purpose} needs the Python package {package or module}, which this Python lacks; "
+            f"install it with `python -m pip install {package or module}`."
+        ) from e

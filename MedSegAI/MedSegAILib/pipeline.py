@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import MedSegAIInputError
+from .errors import MedSegAIInputError, optional_import
 from .image import Volume
 from .modelcard import ModelCard, find_model
 
@@ -138,6 +138,8 @@ def run_segmentation(
     output = Path(output).expanduser()
     kind = output_kind(output)
     _check_output_free(output, overwrite)
+    if kind == "segmentation":
+        optional_import("slicerio", "Writing a .seg.nrrd segmentation")  # say so before the work, not after
     measurements_path = Path(measurements).expanduser() if measurements else None
     if measurements_path is not None:
         if measurements_path.suffix.lower() not in (".csv", ".json"):

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MedSegAIInputError
+from .errors import MedSegAIInputError, optional_import
 from .image import Volume, present_values
 from .imageio import atomic_output
 
@@ -181,6 +181,7 @@ def render_preview(
         raise MedSegAIInputError(f"{out} already exists; choose another file name or allow overwriting.")
     entries = _label_entries(labels_spec)
 
+    optional_import("matplotlib", "Drawing the preview image")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch

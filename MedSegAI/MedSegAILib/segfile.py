@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MedSegAIInputError
+from .errors import MedSegAIInputError, optional_import
 from .image import Volume, present_values
 from .imageio import atomic_output
 from .parallel_gzip import write_gzip
@@ -188,7 +188,7 @@ def _header(segmentation: Mapping[str, Any]) -> bytes:
     one-voxel raw file (cheap) and the two fields that depend on that choice are set to the real
     ones, so that the voxels can be compressed on several threads (:mod:`parallel_gzip`).
     """
-    import slicerio
+    slicerio = optional_import("slicerio", "Writing a .seg.nrrd segmentation")
 
     dtype, shape = segmentation["voxels"].dtype, segmentation["voxels"].shape
     probe = io.BytesIO()
@@ -218,7 +218,7 @@ def read_segmentation_labels(path: str | os.PathLike) -> tuple[Volume, list[dict
         MedSegAIInputError: missing or unreadable file, or a segmentation with several layers
             (overlapping segments).
     """
-    import slicerio
+    slicerio = optional_import("slicerio", "Reading a .seg.nrrd segmentation")
 
     path = Path(path)
     if not path.is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +254,37 @@ def test_adapt_from_parent_rejects_bad_labels() -> None:
         adapt_from_parent(new, parent, "a", ["a"])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="twice"):
         adapt_from_parent(new, parent, ["a", "a"], ["a"])
+
+
+def test_a_model_saved_by_a_newer_keras_is_rebuilt_from_its_card(tmp_path: Path) -> None:
+    """Slicer 5.8's Python 3.9 has at most Keras 3.10, which rejects arguments newer Keras writes
+    (``HeNormal(input_axes=...)``): the network is rebuilt from model.json and the weights read from the file."""
+    import shutil
+    import zipfile
+
+    import keras
+
+    from MedSegAILib.modelcard import builtin_models_dir
+
+    source = builtin_models_dir() / "mr-brain-tumor"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(source / "model.json", folder / "model.json")
+    with zipfile.ZipFile(source / "model.keras") as original, zipfile.ZipFile(folder / "model.keras", "w") as copy:
+        for info in original.infolist():
+            data = original.read(info.filename)
+            if info.filename == "config.json":
+                config = json.loads(data)
+                first = next(layer for layer in config["config"]["layers"] if layer["class_name"] == "Conv2D")
+                first["config"]["kernel_initializer"]["config"]["argument_from_the_future"] = 1
+                data = json.dumps(config).encode()
+            copy.writestr(info, data)
+    with pytest.raises(Exception):
+        keras.saving.load_model(str(folder / "model.keras"), safe_mode=True, compile=False)
+    rebuilt = load_keras_model(folder)
+    reference = load_keras_model(source)
+    batch = np.random.default_rng(0).random((2, 64, 64, 3), dtype=np.float32)
+    assert np.allclose(np.asarray(rebuilt(batch, training=False)), np.asarray(reference(batch, training=False)), atol=1e-6)
+    (folder / "model.json").unlink()  # without the card there is nothing to rebuild from: one clear error
+    with pytest.raises(ModelFolderError, match="refused to load"):
+        load_keras_model(folder / "model.keras")

@@ -355,7 +355,7 @@ def test_needed_packages_follow_the_model_files(analytic_model_dir: Path) -> Non
     keras_only = type("Card", (), {"files": {"keras": "model.keras"}})()
     assert dependencies.needed_packages("segment", "auto", keras_only) == [*shipped, ("tensorflow",)]
     assert dependencies.needed_packages("segment", "onnx", keras_only) == [*shipped, ("onnxruntime",)]
-    assert dependencies.needed_packages("fine-tune") == [*shipped, ("tensorflow",), ("tf2onnx",), ("onnx",)]
+    assert dependencies.needed_packages("fine-tune") == [*shipped, ("tensorflow",), ("tf2onnx",), ("onnx",), ("onnxruntime",)]
 
 
 def test_icon_is_a_128_pixel_png() -> None:
@@ -380,7 +380,7 @@ def test_missing_packages_of_an_external_engine_python(tmp_path: Path) -> None:
     with pytest.raises(MedSegAIInputError, match="numpy is missing"):
         dependencies.requirements_to_install(missing)
     assert dependencies.requirements_to_install(missing[-1:]) == [dependencies.read_requirements()["onnxruntime"]]
-    assert dependencies.missing_packages("fine-tune", python_executable=str(python))[-3:] == ["tensorflow", "tf2onnx", "onnx"]
+    assert dependencies.missing_packages("fine-tune", python_executable=str(python))[-4:] == ["tensorflow", "tf2onnx", "onnx", "onnxruntime"]
 
 
 def test_extension_follows_slicers_current_template() -> None:

@@ -128,10 +128,10 @@ def test_first_click_in_slicers_python(slicer_release, cli_labels: np.ndarray, t
     assert listed["ct-abdomen-organs"]["labels"] == ["liver", "spleen", "kidney_left", "kidney_right", "stomach", "aorta"]
     assert listed["mr-brain-tumor"]["channels"] == ["T1post", "T1prereg", "FLAIR"]
     assert opened["segment"] == ["onnxruntime"]
-    assert opened["fine-tune"] == ["tensorflow", "tf2onnx", "onnx"]
+    assert opened["fine-tune"] == ["tensorflow", "tf2onnx", "onnx", "onnxruntime"]
     requirements = dependencies.read_requirements()
     assert opened["offer"] == {"segment": [requirements["onnxruntime"]],
-                               "fine-tune": [requirements[name] for name in ("tensorflow", "tf2onnx", "onnx")]}
+                               "fine-tune": [requirements[n] for n in ("tensorflow", "tf2onnx", "onnx", "onnxruntime")]}
 
     # 3: install what is offered (Segment's, then Fine-tune's); nothing Slicer ships changes.
     before = dependencies.installed_versions(str(python))
@@ -139,7 +139,7 @@ def test_first_click_in_slicers_python(slicer_release, cli_labels: np.ndarray, t
         assert before[name] == shipped[name]
     assert dependencies.baseline_versions(str(python)) == before
     _install_as_the_panel_does(opened["offer"]["segment"], python)
-    _install_as_the_panel_does(opened["offer"]["fine-tune"], python)
+    _install_as_the_panel_does(_panel_opens(python, tmp_path)["offer"]["fine-tune"], python)
     after = dependencies.installed_versions(str(python))
     assert {name: after.get(name) for name in shipped} == shipped, "a package Slicer ships was changed"
     reopened = _panel_opens(python, tmp_path)

@@ -61,33 +61,15 @@ def _register_custom_objects() -> None:
 def load_keras_model(path: str | os.PathLike[str]) -> Any:
     """Load ``model.keras`` (or a model folder holding one) with ``safe_mode=True``, uncompiled.
 
-    ``safe_mode`` refuses files that would run code when loaded (``Lambda`` layers, pickled
-    functions); MedSegAI's custom layers/losses are registered first.
-
-    Args:
-        path: a ``.keras`` file or a folder containing ``model.keras``.
-
-    Returns:
-        The ``keras.Model``.
+    The engine's loader (:func:`MedSegAILib.keras_model.load_keras_model`): MedSegAI's custom
+    layers/losses registered, and a file saved by a newer Keras rebuilt from its ``model.json``.
 
     Raises:
         ModelFolderError: the file is missing, unreadable or unsafe.
     """
-    import keras
+    from MedSegAILib.keras_model import load_keras_model as load
 
-    _register_custom_objects()
-    file = Path(path)
-    if file.is_dir():
-        file = file / KERAS_FILE
-    if not file.is_file():
-        raise ModelFolderError(f"Keras model file {file} does not exist; give a model folder or a .keras file.")
-    try:
-        return keras.saving.load_model(str(file), safe_mode=True, compile=False)
-    except Exception as e:  # keras raises ValueError/TypeError/OSError/KeyError for unsafe or broken files
-        raise ModelFolderError(
-            f"refused to load {file}: {e}. Model files with Lambda layers or other code are not allowed; "
-            "re-export the model without them."
-        ) from e
+    return load(path)
 
 
 def _replace_policies(obj: Any) -> Any:
@@ -385,18 +367,9 @@ def _onnx_predict(path: Path, batch: np.ndarray) -> np.ndarray:
 
 
 def _validate_card(card: Mapping[str, Any]) -> list[str]:
-    try:
-        from MedSegAILib.modelcard import validate_model_dict
-    except ImportError:
-        validate_model_dict = None
-    if validate_model_dict is not None:
-        return list(validate_model_dict(card))
-    import jsonschema
+    from MedSegAILib.modelcard import validate_model_dict
 
-    schema_file = Path(__file__).resolve().parents[2] / "MedSegAI" / "MedSegAILib" / "schemas" / "model.schema.json"
-    schema = json.loads(schema_file.read_text(encoding="utf-8"))
-    validator = jsonschema.Draft202012Validator(schema)
-    return [f"{'/'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}" for e in validator.iter_errors(card)]
+    return list(validate_model_dict(card))
 
 
 def _check_sample_batch(model: Any, sample_batch: Any) -> np.ndarray:
