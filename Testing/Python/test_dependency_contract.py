@@ -111,3 +111,21 @@ def test_a_missing_cli_only_package_is_one_clear_line(module: str, tmp_path: Pat
     assert completed.returncode == 2, completed.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error:") and module in lines[0], lines
     assert not list(tmp_path.glob("out*")) or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("folder", [ENGINE, TRAINING], ids=["engine", "training"])
+def test_no_helper_process_opens_a_console_window(folder: Path) -> None:
+    """On Windows a console child of the (window-less) engine flashes a console: every subprocess call
+    outside process_tree.py passes hidden_window_flags(), and process_tree adds CREATE_NO_WINDOW itself."""
+    offenders = []
+    for path in folder.glob("*.py"):
+        if path.name == "process_tree.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "subprocess"
+                    and node.func.attr in ("run", "Popen", "call", "check_call", "check_output")):
+                if not any(keyword.arg == "creationflags" and "hidden_window_flags" in ast.unparse(keyword.value)
+                           for keyword in node.keywords):
+                    offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, f"subprocess calls that may open a console window on Windows: {offenders}"

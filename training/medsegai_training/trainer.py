@@ -82,14 +82,17 @@ def _finite(value: float | None) -> float | None:
 
 def _git_commit() -> dict[str, Any] | None:
     """Commit of the code that trained (the repository holding this package), if it is a git checkout."""
+    from MedSegAILib.process_tree import hidden_window_flags
+
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True,
+            creationflags=hidden_window_flags(),
         ).stdout.strip()
         status = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True, text=True, timeout=10, check=True, creationflags=hidden_window_flags(),
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
