@@ -24,7 +24,7 @@ import numpy as np
 from .errors import MedSegAIInputError
 from .image import Volume
 
-__all__ = ["SEG_SOP_CLASS_UID", "build_dicom_seg", "check_source_headers", "read_dicom_seg_labels", "read_source_headers", "write_dicom_seg"]
+__all__ = ["SEG_SOP_CLASS_UID", "build_dicom_seg", "check_source_headers", "require_highdicom", "read_dicom_seg_labels", "read_source_headers", "write_dicom_seg"]
 
 SEG_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.66.4"
 _FALLBACK_CATEGORY = ("85756007", "SCT", "Tissue")
@@ -34,7 +34,7 @@ _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesIn
 _INSTALL_HINT = "install it with `pip install highdicom` (or `pip install -e .[dicom]` in the MedSegAI folder)"
 
 
-def _highdicom() -> Any:
+def require_highdicom() -> Any:
     """highdicom, or one clear error naming what to install."""
     try:
         import highdicom
@@ -173,7 +173,7 @@ def build_dicom_seg(
     from . import __version__
     from .segfile import label_entries
 
-    hd = _highdicom()
+    hd = require_highdicom()
     if not isinstance(labels, Volume) or labels.array.ndim != 3 or labels.array.dtype.kind not in "iub":
         raise TypeError("labels must be a 3D integer Volume")
     if not source_headers:
@@ -243,7 +243,7 @@ def read_dicom_seg_labels(path: str | os.PathLike, source_headers: Sequence[Any]
     """
     from .segfile import label_entries
 
-    hd = _highdicom()
+    hd = require_highdicom()
     seg = hd.seg.segread(str(path))
     first = source_headers[0]
     row, col = (np.array([float(v) for v in first.ImageOrientationPatient[i : i + 3]]) for i in (0, 3))

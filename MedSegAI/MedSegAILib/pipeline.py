@@ -165,6 +165,10 @@ def run_segmentation(
             "a DICOM SEG output (.dcm) needs a DICOM series folder as the (first) input, because the SEG "
             "references its images; write a .seg.nrrd or labelmap output for other inputs."
         )
+    if dicom_seg is not None:
+        from .dicomseg import require_highdicom
+
+        require_highdicom()
     measurements_path = Path(measurements).expanduser() if measurements else None
     if measurements_path is not None:
         if measurements_path.suffix.lower() not in (".csv", ".json"):

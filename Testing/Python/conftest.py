@@ -87,3 +87,28 @@ def analytic_model_3d_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from analytic_models import threshold_model_folder
 
     return threshold_model_folder(tmp_path_factory.mktemp("models") / "analytic-bone-3d", mode="3d")
+
+
+@pytest.fixture(scope="session")
+def ct_dicom_with_uids(ct_dicom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared CT DICOM series with the UIDs its anonymiser emptied given back, as a PACS holds it.
+
+    SOPClassUID/SOPInstanceUID come from each file's meta information; StudyInstanceUID and
+    SeriesInstanceUID are fixed test UIDs; PatientID is a test value. Pixels are unchanged
+    (JPEG 2000 lossless).
+    """
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder = tmp_path_factory.mktemp("ct-dicom-uids")
+    study = generate_uid(entropy_srcs=["medsegai-test-ct-study"])
+    series = generate_uid(entropy_srcs=["medsegai-test-ct-series"])
+    for path in sorted(ct_dicom_dir.iterdir()):
+        dataset = pydicom.dcmread(path)
+        dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
+        dataset.StudyInstanceUID = study
+        dataset.SeriesInstanceUID = series
+        dataset.PatientID = "MEDSEGAI-TEST-CT"
+        dataset.save_as(folder / f"{path.name}.dcm")
+    return folder
