@@ -236,11 +236,17 @@ def retrieve_series(connection: DicomWebConnection, study_uid: str, entry: Serie
         dataset.save_as(folder / f"{index:05d}.dcm")
 
 
-def store_seg(connection: DicomWebConnection, study_uid: str, path: Path) -> None:
-    """STOW-RS the SEG file at ``path`` into ``study_uid``.
+def store_seg(connection: DicomWebConnection, study_uid: str, path: Path) -> str:
+    """STOW-RS the SEG file at ``path`` into ``study_uid`` and check that the server kept it.
+
+    Some servers answer success for an instance that a rule then drops (Orthanc's Lua filters),
+    so the SEG is looked up (QIDO-RS) after the store.
+
+    Returns:
+        The SEG's SeriesInstanceUID.
 
     Raises:
-        MedSegAIInputError: the server refused it (HTTP error or a failed-SOP answer).
+        MedSegAIInputError: the server refused it (HTTP error, a failed-SOP answer) or did not keep it.
     """
     import pydicom
 
@@ -253,6 +259,20 @@ def store_seg(connection: DicomWebConnection, study_uid: str, path: Path) -> Non
             f"the DICOMweb server at {connection.display_url} refused to store the DICOM SEG (failure reason {reason}); "
             "nothing was stored."
         )
+    series_uid, instance_uid = str(dataset.SeriesInstanceUID), str(dataset.SOPInstanceUID)
+    kept = connection.call(
+        "check the stored DICOM SEG",
+        connection.client.search_for_instances,
+        study_instance_uid=study_uid,
+        series_instance_uid=series_uid,
+        search_filters={"SOPInstanceUID": instance_uid},
+    )
+    if not any(str(_value(entry, "00080018")) == instance_uid for entry in kept or []):
+        raise MedSegAIInputError(
+            f"the DICOMweb server at {connection.display_url} refused to store the DICOM SEG (it answered the upload "
+            "but does not hold the SEG; a server rule may reject segmentations); nothing was stored."
+        )
+    return series_uid
 
 
 def seg_series_by_model(connection: DicomWebConnection, study_uid: str, model_id: str) -> list[str]:
@@ -293,8 +313,6 @@ def segment_study(
         MedSegAIInputError: see :func:`choose_series`, the pipeline and :func:`store_seg`.
         ServerUnavailableError: the server went away.
     """
-    import pydicom
-
     from .dicomseg import require_highdicom
     from .modelcard import find_model
     from .pipeline import output_kind, run_segmentation
@@ -321,7 +339,7 @@ def segment_study(
             **segment_options,
         )
         try:
-            store_seg(connection, study_uid, seg_path)
+            seg_series_uid = store_seg(connection, study_uid, seg_path)
         except BaseException:
             if local is not None:
                 local.unlink(missing_ok=True)
@@ -329,5 +347,4 @@ def segment_study(
             if measurements:
                 Path(measurements).expanduser().unlink(missing_ok=True)
             raise
-        seg_series_uid = str(pydicom.dcmread(seg_path, stop_before_pixels=True).SeriesInstanceUID)
     return StoredSegmentation(result=result, seg_series_uid=seg_series_uid, source_series=chosen)

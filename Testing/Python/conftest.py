@@ -112,3 +112,34 @@ def ct_dicom_with_uids(ct_dicom_dir: Path, tmp_path_factory: pytest.TempPathFact
         dataset.PatientID = "MEDSEGAI-TEST-CT"
         dataset.save_as(folder / f"{path.name}.dcm")
     return folder
+
+
+@pytest.fixture(scope="session")
+def ct_dicom_seg_run(ct_dicom_with_uids: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One CLI run on the CT DICOM series (default model) writing a .seg.nrrd and a DICOM SEG.
+
+    Returns ``{"nrrd": .seg.nrrd, "seg": .dcm, "source": the series folder}``.
+    """
+    pytest.importorskip("highdicom", reason="the dicom extra (pip install -e .[dicom]) is not installed")
+    from MedSegAILib import cli
+
+    out = tmp_path_factory.mktemp("dicomseg")
+    nrrd, seg = out / "ct.seg.nrrd", out / "ct.dcm"
+    code = cli.main(["segment", str(ct_dicom_with_uids), "-o", str(nrrd), "--dicom-seg", str(seg), "--progress", "none"])
+    assert code == 0
+    return {"nrrd": nrrd, "seg": seg, "source": ct_dicom_with_uids}
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory):
+    """One real Orthanc PACS with DICOMweb for the session (loopback only, temporary storage), stopped after."""
+    import orthanc_server
+
+    why = orthanc_server.available()
+    if why is not None:
+        pytest.fail(why)
+    server = orthanc_server.OrthancServer(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield server.start()
+    finally:
+        server.close()

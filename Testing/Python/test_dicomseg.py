@@ -27,13 +27,8 @@ def card():
 
 
 @pytest.fixture(scope="module")
-def ct_run(ct_dicom_with_uids: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One CLI run on the CT DICOM series writing both a .seg.nrrd and a DICOM SEG."""
-    out = tmp_path_factory.mktemp("dicomseg")
-    nrrd, seg = out / "ct.seg.nrrd", out / "ct.dcm"
-    code = cli.main(["segment", str(ct_dicom_with_uids), "-o", str(nrrd), "--dicom-seg", str(seg), "--progress", "none"])
-    assert code == 0
-    return {"nrrd": nrrd, "seg": seg, "source": ct_dicom_with_uids}
+def ct_run(ct_dicom_seg_run: dict[str, Path]) -> dict[str, Path]:
+    return ct_dicom_seg_run
 
 
 def _source_headers(folder: Path) -> list[pydicom.Dataset]:
