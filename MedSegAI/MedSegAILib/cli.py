@@ -191,6 +191,49 @@ def _run_segment_dicomweb(args: argparse.Namespace, common: dict[str, Any]) -> i
     return EXIT_OK
 
 
+def _add_watch_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "watch",
+        parents=[_common_options()],
+        help="segment new studies on a PACS (DICOMweb) as they arrive",
+        description="Poll a DICOMweb server for studies of one modality, segment each once, store the DICOM SEG "
+                    "in the study. Credentials: MEDSEGAI_DICOMWEB_USER/MEDSEGAI_DICOMWEB_PASSWORD or a netrc file.",
+    )
+    parser.add_argument("--dicomweb", required=True, metavar="URL", help="DICOMweb service root")
+    parser.add_argument("--modality", default=None, metavar="MODALITY", help="e.g. CT (default: the model's)")
+    parser.add_argument("--model", default=None, metavar="ID_OR_FOLDER",
+                        help="one-channel model (default: the installed model for the modality)")
+    parser.add_argument("--since", default=None, metavar="DATE", help="only studies from this date on (YYYY-MM-DD)")
+    parser.add_argument("--state", default="medsegai-watch.json", metavar="FILE",
+                        help="state file of the studies already handled (default: medsegai-watch.json)")
+    parser.add_argument("--interval", type=number_type(float, 0.1), default=30.0, metavar="S", help="seconds between polls (default 30)")
+    parser.add_argument("--max-studies", type=_positive_int, default=None, metavar="N", help="stop after N segmented studies")
+    parser.add_argument("--duration", type=number_type(float, 0.1), default=None, metavar="S", help="stop after S seconds")
+    parser.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's TLS certificate")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--backend", choices=("auto", "tensorflow", "onnx"), default="auto")
+    parser.set_defaults(func=_run_watch)
+
+
+def _run_watch(args: argparse.Namespace) -> int:
+    from .dicomweb import connect
+    from .watch import watch
+
+    cancel = _CancelFlag()
+    cancel.install()
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    connection = connect(args.dicomweb, verify_tls=not args.no_verify_tls)
+    watch(
+        connection, modality=args.modality, model=args.model, state_path=args.state, since=args.since,
+        interval_s=args.interval, max_studies=args.max_studies, duration_s=args.duration, should_stop=cancel,
+        log=log, segment_options={"backend": args.backend, "device": args.device},
+    )
+    return EXIT_OK
+
+
 def _add_models_command(subparsers: Any) -> None:
     parser = subparsers.add_parser("models", parents=[_common_options()], help="list installed models", description="List installed models.")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -247,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     _add_segment_command(subparsers)
+    _add_watch_command(subparsers)
     _add_models_command(subparsers)
     _add_training_commands(subparsers)
     return parser
