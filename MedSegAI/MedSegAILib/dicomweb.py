@@ -143,7 +143,10 @@ def connect(url: str, verify_tls: bool = True) -> DicomWebConnection:
     if credentials is not None:
         session.auth = credentials
     display = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
-    client = DICOMwebClient(display, session=session, timeout=_TIMEOUT_S)
+    try:
+        client = DICOMwebClient(display, session=session, timeout=_TIMEOUT_S)
+    except TypeError:  # dicomweb-client < 0.60 (Slicer 5.8) has no timeout argument
+        client = DICOMwebClient(display, session=session)
     client.set_http_retry_params(retry=False)
     return DicomWebConnection(client, display)
 
