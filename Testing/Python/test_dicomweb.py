@@ -219,3 +219,24 @@ def test_seg_upload_refused(ct_dicom_with_uids: Path, tmp_path: Path, monkeypatc
         assert sorted(p.name for p in tmp_path.iterdir()) == ["refusing"]
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["segment", "--study", "1.2.3"], "--dicomweb URL and --study UID go together"),
+        (["segment", "--dicomweb", "http://127.0.0.1:9/dicom-web"], "--dicomweb URL and --study UID go together"),
+        (["segment", "some-folder", "--dicomweb", "http://127.0.0.1:9/dicom-web", "--study", "1.2.3"], "drop the INPUT arguments"),
+        (["segment", "--dicomweb", "ftp://127.0.0.1/dicom-web", "--study", "1.2.3"], "needs an http:// or https:// URL"),
+        (["segment"], "no INPUT given"),
+        (["watch", "--dicomweb", "http://127.0.0.1:9/dicom-web", "--modality", "CT", "--since", "yesterday"], "--since must be a date"),
+        (["watch", "--dicomweb", "http://127.0.0.1:9/dicom-web", "--model", "mr-brain-tumor"], "takes 3 inputs"),
+        (["watch", "--dicomweb", "http://127.0.0.1:9/dicom-web", "--modality", "PT"], "no installed model takes a single PT series"),
+    ],
+)
+def test_usage_errors_are_one_line(argv: list[str], expected: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    _one_error(code, err, expected)
+    assert list(tmp_path.iterdir()) == []
