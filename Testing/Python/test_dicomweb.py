@@ -208,7 +208,11 @@ def test_seg_upload_refused(ct_dicom_with_uids: Path, tmp_path: Path, monkeypatc
         server.start()
         monkeypatch.setenv(USER_VARIABLE, server.user)
         monkeypatch.setenv(PASSWORD_VARIABLE, server.password)
-        study = _upload_folder(server, ct_dicom_with_uids)
+        from test_watch import _small_ct_study
+
+        _small_ct_study(ct_dicom_with_uids, tmp_path / "small", "refused")
+        study = _upload_folder(server, tmp_path / "small")
+        shutil.rmtree(tmp_path / "small")
         local, measurements = tmp_path / "local.seg.nrrd", tmp_path / "m.csv"
         code, err = _segment(
             ["--dicomweb", server.url, "--study", study, "-o", str(local), "--measurements", str(measurements)], capsys
