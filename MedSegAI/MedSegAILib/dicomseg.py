@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import MedSegAIInputError
-from .image import Volume
+from .image import Volume, present_values
 
 __all__ = ["SEG_SOP_CLASS_UID", "build_dicom_seg", "check_source_headers", "require_highdicom", "read_dicom_seg_labels", "read_source_headers", "write_dicom_seg"]
 
@@ -101,7 +101,8 @@ def check_source_headers(headers: Sequence[Any]) -> list[Any]:
     return out
 
 
-def _code(hd: Any, triple: Any) -> Any:
+def _code(triple: Any) -> Any:
+    """A pydicom ``Code`` from a ``{scheme, code, meaning}`` dict or a ``(code, scheme, meaning)`` triple."""
     from pydicom.sr.coding import Code
 
     if isinstance(triple, dict):
@@ -120,13 +121,13 @@ def _segment_descriptions(hd: Any, entries: Sequence[dict[str, Any]], model_id: 
     descriptions = []
     for number, entry in enumerate(entries, start=1):
         terminology = entry.get("terminology") or {}
-        category = _code(hd, terminology.get("category", _FALLBACK_CATEGORY))
-        kind = _code(hd, terminology.get("type", _FALLBACK_TYPE))
+        category = _code(terminology.get("category", _FALLBACK_CATEGORY))
+        kind = _code(terminology.get("type", _FALLBACK_TYPE))
         color = None
         if entry.get("color") is not None:
             red, green, blue = (int(round(255 * float(c))) for c in entry["color"])
             color = hd.color.CIELabColor.from_rgb(red, green, blue)
-        regions = [_code(hd, terminology["anatomic_region"])] if "anatomic_region" in terminology else None
+        regions = [_code(terminology["anatomic_region"])] if "anatomic_region" in terminology else None
         description = hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=str(entry["name"])[:64],
@@ -138,7 +139,7 @@ def _segment_descriptions(hd: Any, entries: Sequence[dict[str, Any]], model_id: 
             display_color=color,
         )
         if "type_modifier" in terminology:
-            modifier = CodedConcept.from_code(_code(hd, terminology["type_modifier"]))
+            modifier = CodedConcept.from_code(_code(terminology["type_modifier"]))
             description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [modifier]
         descriptions.append(description)
     return descriptions
@@ -188,7 +189,7 @@ def build_dicom_seg(
     numbers = np.zeros(max(top, int(labels.array.max(initial=0))) + 1, dtype=np.uint16)
     for number, entry in enumerate(entries, start=1):
         numbers[entry["value"]] = number
-    unnamed = set(np.unique(labels.array).tolist()) - {0} - {e["value"] for e in entries}
+    unnamed = present_values(labels.array) - {0} - {e["value"] for e in entries}
     if unnamed:
         raise ValueError(f"labels contain values {sorted(unnamed)} that labels_spec does not name")
     frames = numbers[np.asarray(labels.array)[indices]]

@@ -108,6 +108,10 @@ def test_seg_attributes(ct_run: dict[str, Path], card) -> None:
         assert item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == label.terminology["category"]["code"]
         assert item.SegmentedPropertyTypeCodeSequence[0].CodeValue == label.terminology["type"]["code"]
         assert item.SegmentedPropertyTypeCodeSequence[0].CodingSchemeDesignator == "SCT"
+        modifier = label.terminology.get("type_modifier")
+        if modifier is not None:
+            (coded,) = item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence
+            assert (coded.CodeValue, coded.CodeMeaning) == (modifier["code"], modifier["meaning"])
         algorithm = item.SegmentationAlgorithmIdentificationSequence[0]
         assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == (card.id, card.version)
         rgb = hd.color.CIELabColor(*_lab(item.RecommendedDisplayCIELabValue)).to_rgb()
