@@ -179,10 +179,10 @@ def _run_segment_dicomweb(args: argparse.Namespace, common: dict[str, Any]) -> i
         raise MedSegAIInputError("with --dicomweb the images come from the server; drop the INPUT arguments.")
     if args.dicom_seg is not None:
         raise MedSegAIInputError("with --dicomweb the DICOM SEG is stored on the server; drop --dicom-seg (use -o for a local copy).")
-    client = connect(args.dicomweb, verify_tls=not args.no_verify_tls)
-    stored = segment_study(client, args.study, series=args.series, output=args.output, **common)
+    connection = connect(args.dicomweb, verify_tls=not args.no_verify_tls)
+    stored = segment_study(connection, args.study, series=args.series, output=args.output, **common)
     summary = (
-        f"stored DICOM SEG series {stored.seg_series_uid} in the study on {client.display_url} "
+        f"stored DICOM SEG series {stored.seg_series_uid} in the study on {connection.display_url} "
         f"with model {stored.result.card.id} {stored.result.card.version}"
     )
     if args.output:

@@ -26,7 +26,22 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .errors import MedSegAIInputError
 
-__all__ = ["DicomWebConnection", "ServerUnavailableError", "StoredSegmentation", "connect", "segment_study", "SeriesEntry"]
+__all__ = [
+    "PASSWORD_VARIABLE",
+    "USER_VARIABLE",
+    "CredentialsRefusedError",
+    "DicomWebConnection",
+    "SeriesEntry",
+    "ServerUnavailableError",
+    "StoredSegmentation",
+    "choose_series",
+    "connect",
+    "list_series",
+    "retrieve_series",
+    "seg_series_by_model",
+    "segment_study",
+    "store_seg",
+]
 
 USER_VARIABLE = "MEDSEGAI_DICOMWEB_USER"
 PASSWORD_VARIABLE = "MEDSEGAI_DICOMWEB_PASSWORD"
@@ -36,6 +51,10 @@ _TIMEOUT_S = 60
 
 class ServerUnavailableError(MedSegAIInputError):
     """The server cannot be reached or answered with a temporary failure (5xx); worth retrying later."""
+
+
+class CredentialsRefusedError(MedSegAIInputError):
+    """The server refused the credentials (HTTP 401/403): retrying cannot help."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +96,7 @@ class DicomWebConnection:
         except requests.exceptions.HTTPError as e:
             status = e.response.status_code if e.response is not None else 0
             if status in (401, 403):
-                raise MedSegAIInputError(
+                raise CredentialsRefusedError(
                     f"the DICOMweb server at {self.display_url} refused the credentials (HTTP {status}, {what}); set "
                     f"{USER_VARIABLE}/{PASSWORD_VARIABLE} or the netrc entry for its host."
                 ) from e

@@ -175,7 +175,7 @@ def watch(
         MedSegAIInputError: bad arguments, a broken state file, another watch on the same state
             file, or a permanent server error (e.g. rejected credentials).
     """
-    from .dicomweb import ServerUnavailableError, seg_series_by_model, segment_study
+    from .dicomweb import CredentialsRefusedError, ServerUnavailableError, seg_series_by_model, segment_study
     from .dicomseg import require_highdicom
     from .filelock import exclusive_lock
     from .image import present_values
@@ -239,14 +239,12 @@ def watch(
                             connection, study_uid, series=[series.uid], model=card.folder, should_cancel=stop,
                             **(segment_options or {}),
                         )
-                    except ServerUnavailableError:
+                    except (ServerUnavailableError, CredentialsRefusedError):
                         raise
                     except CancelledError:
                         log(f"{name}: cancelled; nothing stored, it is segmented next time")
                         break
                     except MedSegAIInputError as e:
-                        if "refused the credentials" in str(e):
-                            raise
                         state.record(study_uid, "failed", error=str(e).splitlines()[0])
                         log(f"{name}: not segmented: {str(e).splitlines()[0]}")
                         continue

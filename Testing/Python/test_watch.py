@@ -197,3 +197,16 @@ def test_ctrl_c_stops_cleanly(fresh_server, tmp_path: Path) -> None:
         watcher.kill()
     assert "watch ended: stopped" in watcher.lines[-1]
     assert WatchState.load(state).studies == {}
+
+
+def test_wrong_password_is_one_error(orthanc, tmp_path: Path, monkeypatch, capsys) -> None:
+    from MedSegAILib import cli
+
+    monkeypatch.setenv(USER_VARIABLE, orthanc.user)
+    monkeypatch.setenv(PASSWORD_VARIABLE, "not-the-password")
+    state = tmp_path / "state.json"
+    code = cli.main(["watch", "--dicomweb", orthanc.url, "--modality", "CT", "--state", str(state), "--duration", "30"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and err[-1].startswith("error: the DICOMweb server at") and "refused the credentials (HTTP 401" in err[-1]
+    assert "not-the-password" not in "\n".join(err)
+    assert list(tmp_path.iterdir()) == []  # no state file, no lock left
