@@ -35,7 +35,7 @@ system-test-deps:
 	  echo "installing Debian packages for the DICOM tests: $$missing"; \
 	  policy=/usr/sbin/policy-rc.d; added=; \
 	  if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' | $$sudo tee $$policy >/dev/null && $$sudo chmod +x $$policy && added=1; fi; \
-	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  status=$$?; [ -n "$$added" ] && $$sudo rm -f $$policy; exit $$status; \
 	fi
 
