@@ -143,6 +143,10 @@ def _pick_series(connection: Any, study_uid: str, modality: str) -> Any | None:
     return max(candidates, key=lambda s: (s.instances, s.uid)) if candidates else None
 
 
+def _studies(count: int) -> str:
+    return f"{count} study" if count == 1 else f"{count} studies"
+
+
 def watch(
     connection: Any,
     modality: str | None = None,
@@ -204,7 +208,7 @@ def watch(
             if stop():
                 return "stopped"
             if max_studies is not None and segmented >= max_studies:
-                return f"segmented {segmented} studies (--max-studies)"
+                return f"{_studies(segmented)} segmented (--max-studies)"
             if deadline is not None and time.monotonic() >= deadline:
                 return "time is up (--duration)"
             return None
@@ -256,8 +260,8 @@ def watch(
                 backoff = interval_s
                 wait(interval_s)
             except ServerUnavailableError as e:
-                log(f"server unavailable: {e}; retrying in {backoff:g} s")
+                log(f"server unavailable, retrying in {backoff:g} s: {str(e).rstrip('.')}")
                 wait(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
-        log(f"watch ended: {finished()}; {segmented} studies segmented this run")
+        log(f"watch ended: {finished()}; {_studies(segmented)} segmented this run")
     return segmented

@@ -142,7 +142,7 @@ def test_survives_the_server_going_away(fresh_server, ct_dicom_with_uids: Path, 
     try:
         watcher.wait_for("watching ")
         fresh_server.stop()
-        watcher.wait_for("server unavailable: cannot reach the DICOMweb server")
+        watcher.wait_for("server unavailable, retrying in 0.5 s: cannot reach the DICOMweb server")
         fresh_server.start()
         fresh_server.upload(sorted((tmp_path / "study").iterdir()))
         assert watcher.finish() == 0, "\n".join(watcher.lines)
