@@ -83,12 +83,25 @@ def _add_segment_command(subparsers: Any) -> None:
         help="segment one case",
         description="Segment one case: one INPUT per model channel, in the model's channel order.",
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help=".nrrd, .nii, .nii.gz, .mha/.mhd file or DICOM folder (one per model channel)")
-    parser.add_argument("-o", "--output", required=True, metavar="OUTPUT",
-                        help=".seg.nrrd (Slicer segmentation) or .nrrd/.nii.gz/.nii labelmap")
+    parser.add_argument("-o", "--output", default=None, metavar="OUTPUT",
+                        help=".seg.nrrd (Slicer segmentation), .dcm (DICOM SEG) or .nrrd/.nii.gz/.nii labelmap "
+                             "(optional with --dicomweb)")
+    parser.add_argument("--dicom-seg", default=None, metavar="FILE.dcm",
+                        help="also write a DICOM Segmentation referencing the input DICOM series")
     parser.add_argument("--model", default=None, metavar="ID_OR_FOLDER", help="model id or folder (default: the default model)")
-    parser.add_argument("--series", default=None, metavar="UID", help="DICOM SeriesInstanceUID when a folder holds several series")
+    parser.add_argument("--series", action="append", default=None, metavar="UID",
+                        help="DICOM SeriesInstanceUID when a folder or study holds several series "
+                             "(with --dicomweb: once per model channel, in channel order)")
+    web = parser.add_argument_group(
+        "PACS (DICOMweb)",
+        "credentials come from MEDSEGAI_DICOMWEB_USER/MEDSEGAI_DICOMWEB_PASSWORD or a netrc file (~/.netrc or $NETRC)",
+    )
+    web.add_argument("--dicomweb", default=None, metavar="URL",
+                     help="DICOMweb service root: retrieve the study's series, segment, store the DICOM SEG back")
+    web.add_argument("--study", default=None, metavar="UID", help="StudyInstanceUID to segment (with --dicomweb)")
+    web.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's TLS certificate")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     parser.add_argument("--backend", choices=("auto", "tensorflow", "onnx"), default="auto")
     parser.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
@@ -131,18 +144,93 @@ def _run_segment(args: argparse.Namespace) -> int:
         overlap=args.overlap, tta=args.tta, batch_size=args.batch_size,
         postprocessing=_postprocessing_overrides(args),
     )
+    common = dict(
+        model=args.model, backend=args.backend, device=args.device, options=options, measurements=args.measurements,
+        overwrite=args.overwrite, progress=make_reporter(args.progress), should_cancel=cancel,
+    )
+    if args.dicomweb is not None or args.study is not None:
+        return _run_segment_dicomweb(args, common)
+    if not args.inputs:
+        raise MedSegAIInputError("no INPUT given; pass one file or DICOM folder per model channel (or --dicomweb URL --study UID).")
+    if args.output is None and args.dicom_seg is None:
+        raise MedSegAIInputError("no output given; pass -o OUTPUT (.seg.nrrd, .dcm, .nrrd, .nii.gz).")
+    if args.series and len(args.series) > 1:
+        raise MedSegAIInputError("--series may be given once for DICOM folders (it applies to every folder).")
     result = run_segmentation(
-        args.inputs, args.output, model=args.model, series_uid=args.series, backend=args.backend,
-        device=args.device, options=options, measurements=args.measurements, overwrite=args.overwrite,
-        progress=make_reporter(args.progress), should_cancel=cancel,
+        args.inputs, args.output, series_uid=args.series[0] if args.series else None, dicom_seg=args.dicom_seg, **common
     )
     found = [row["name"] for row in result.measurements if row.get("voxel_count", 0) > 0]
-    summary = f"wrote {result.output} with model {result.card.id} {result.card.version} ({result.backend}, {result.device})"
+    written = " and ".join(str(p) for p in (result.output, result.dicom_seg) if p is not None)
+    summary = f"wrote {written} with model {result.card.id} {result.card.version} ({result.backend}, {result.device})"
     if args.measurements:
         summary += f"; measurements in {args.measurements}"
         if not found:
             summary += "; no label was found"
     print(summary, file=sys.stderr)
+    return EXIT_OK
+
+
+def _run_segment_dicomweb(args: argparse.Namespace, common: dict[str, Any]) -> int:
+    from .dicomweb import connect, segment_study
+
+    if args.dicomweb is None or args.study is None:
+        raise MedSegAIInputError("--dicomweb URL and --study UID go together; pass both.")
+    if args.inputs:
+        raise MedSegAIInputError("with --dicomweb the images come from the server; drop the INPUT arguments.")
+    if args.dicom_seg is not None:
+        raise MedSegAIInputError("with --dicomweb the DICOM SEG is stored on the server; drop --dicom-seg (use -o for a local copy).")
+    connection = connect(args.dicomweb, verify_tls=not args.no_verify_tls)
+    stored = segment_study(connection, args.study, series=args.series, output=args.output, **common)
+    summary = (
+        f"stored DICOM SEG series {stored.seg_series_uid} in the study on {connection.display_url} "
+        f"with model {stored.result.card.id} {stored.result.card.version}"
+    )
+    if args.output:
+        summary += f"; wrote {args.output}"
+    print(summary, file=sys.stderr)
+    return EXIT_OK
+
+
+def _add_watch_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "watch",
+        parents=[_common_options()],
+        help="segment new studies on a PACS (DICOMweb) as they arrive",
+        description="Poll a DICOMweb server for studies of one modality, segment each once, store the DICOM SEG "
+                    "in the study. Credentials: MEDSEGAI_DICOMWEB_USER/MEDSEGAI_DICOMWEB_PASSWORD or a netrc file.",
+    )
+    parser.add_argument("--dicomweb", required=True, metavar="URL", help="DICOMweb service root")
+    parser.add_argument("--modality", default=None, metavar="MODALITY", help="e.g. CT (default: the model's)")
+    parser.add_argument("--model", default=None, metavar="ID_OR_FOLDER",
+                        help="one-channel model (default: the installed model for the modality)")
+    parser.add_argument("--since", default=None, metavar="DATE", help="only studies from this date on (YYYY-MM-DD)")
+    parser.add_argument("--state", default="medsegai-watch.json", metavar="FILE",
+                        help="state file of the studies already handled (default: medsegai-watch.json)")
+    parser.add_argument("--interval", type=number_type(float, 0.1), default=30.0, metavar="S", help="seconds between polls (default 30)")
+    parser.add_argument("--max-studies", type=_positive_int, default=None, metavar="N", help="stop after N segmented studies")
+    parser.add_argument("--duration", type=number_type(float, 0.1), default=None, metavar="S", help="stop after S seconds")
+    parser.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's TLS certificate")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--backend", choices=("auto", "tensorflow", "onnx"), default="auto")
+    parser.set_defaults(func=_run_watch)
+
+
+def _run_watch(args: argparse.Namespace) -> int:
+    from .dicomweb import connect
+    from .watch import watch
+
+    cancel = _CancelFlag()
+    cancel.install()
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    connection = connect(args.dicomweb, verify_tls=not args.no_verify_tls)
+    watch(
+        connection, modality=args.modality, model=args.model, state_path=args.state, since=args.since,
+        interval_s=args.interval, max_studies=args.max_studies, duration_s=args.duration, should_stop=cancel,
+        log=log, segment_options={"backend": args.backend, "device": args.device},
+    )
     return EXIT_OK
 
 
@@ -202,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     _add_segment_command(subparsers)
+    _add_watch_command(subparsers)
     _add_models_command(subparsers)
     _add_training_commands(subparsers)
     return parser

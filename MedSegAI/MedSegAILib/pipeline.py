@@ -19,6 +19,7 @@ __all__ = ["SegmentationResult", "output_kind", "segment_case", "run_segmentatio
 
 ProgressCallback = Callable[[str, int, int, str], None]
 LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha", ".mhd")
+DICOM_SEG_SUFFIX = ".dcm"
 
 
 @dataclass
@@ -30,12 +31,13 @@ class SegmentationResult:
     backend: str
     device: str
     output: Path | None = None
+    dicom_seg: Path | None = None
     measurements: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
 
 def output_kind(path: str | Path) -> str:
-    """``"segmentation"`` for ``.seg.nrrd``, ``"labelmap"`` for other image suffixes.
+    """``"segmentation"`` for ``.seg.nrrd``, ``"dicom-seg"`` for ``.dcm``, ``"labelmap"`` for other image suffixes.
 
     Raises:
         MedSegAIInputError: the suffix is not one MedSegAI writes.
@@ -43,11 +45,13 @@ def output_kind(path: str | Path) -> str:
     name = Path(path).name.lower()
     if name.endswith(".seg.nrrd"):
         return "segmentation"
+    if name.endswith(DICOM_SEG_SUFFIX):
+        return "dicom-seg"
     if name.endswith(LABELMAP_SUFFIXES):
         return "labelmap"
     raise MedSegAIInputError(
-        f"cannot write '{Path(path).name}': the output must end with .seg.nrrd (Slicer segmentation) "
-        f"or {', '.join(LABELMAP_SUFFIXES)} (labelmap)."
+        f"cannot write '{Path(path).name}': the output must end with .seg.nrrd (Slicer segmentation), "
+        f".dcm (DICOM SEG) or {', '.join(LABELMAP_SUFFIXES)} (labelmap)."
     )
 
 
@@ -112,7 +116,7 @@ def segment_case(
 
 def run_segmentation(
     inputs: Sequence[str | Path],
-    output: str | Path,
+    output: str | Path | None,
     model: str | Path | None = None,
     series_uid: str | None = None,
     backend: str = "auto",
@@ -122,8 +126,14 @@ def run_segmentation(
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    dicom_seg: str | Path | None = None,
 ) -> SegmentationResult:
     """Read input files, segment them, write the output (and measurements). What ``medsegai segment`` does.
+
+    Args:
+        output: ``.seg.nrrd``, ``.dcm`` (DICOM SEG) or labelmap file; ``None`` when only
+            ``dicom_seg`` is wanted.
+        dicom_seg: also write a DICOM SEG here (the first input must then be a DICOM folder).
 
     Raises:
         MedSegAIInputError: any problem with the inputs, the model or the output paths; raised
@@ -135,11 +145,32 @@ def run_segmentation(
     from .measurements import compute_measurements, write_measurements
     from .segfile import write_segmentation
 
-    output = Path(output).expanduser()
-    kind = output_kind(output)
-    _check_output_free(output, overwrite)
+    output = Path(output).expanduser() if output is not None else None
+    dicom_seg = Path(dicom_seg).expanduser() if dicom_seg is not None else None
+    if output is None and dicom_seg is None:
+        raise MedSegAIInputError("no output given; pass -o OUTPUT (or --dicom-seg FILE).")
+    kind = output_kind(output) if output is not None else None
+    if kind == "dicom-seg":
+        if dicom_seg is not None:
+            raise MedSegAIInputError("-o already names a DICOM SEG (.dcm); drop --dicom-seg or give -o another type.")
+        output, dicom_seg, kind = None, output, None
+    if dicom_seg is not None and not dicom_seg.name.lower().endswith(DICOM_SEG_SUFFIX):
+        raise MedSegAIInputError(f"the DICOM SEG output must end with .dcm, not '{dicom_seg.name}'.")
+    if dicom_seg is not None and output is not None and dicom_seg.resolve() == output.resolve():
+        raise MedSegAIInputError("the DICOM SEG and the other output are the same file; give them different names.")
+    for path in (output, dicom_seg):
+        _check_output_free(path, overwrite)
     if kind == "segmentation":
         optional_import("slicerio", "Writing a .seg.nrrd segmentation")  # say so before the work, not after
+    if dicom_seg is not None and inputs and Path(inputs[0]).exists() and not Path(inputs[0]).is_dir():
+        raise MedSegAIInputError(
+            "a DICOM SEG output (.dcm) needs a DICOM series folder as the (first) input, because the SEG "
+            "references its images; write a .seg.nrrd or labelmap output for other inputs."
+        )
+    if dicom_seg is not None:
+        from .dicomseg import require_highdicom
+
+        require_highdicom()
     measurements_path = Path(measurements).expanduser() if measurements else None
     if measurements_path is not None:
         if measurements_path.suffix.lower() not in (".csv", ".json"):
@@ -159,6 +190,11 @@ def run_segmentation(
         if progress:
             progress("read", index, len(inputs), f"reading {card.channel_names[index]}")
         volumes.append(read_volume(path, series_uid=series_uid))
+    source_headers = None
+    if dicom_seg is not None:
+        from .dicomseg import check_source_headers, read_source_headers
+
+        source_headers = check_source_headers(read_source_headers(inputs[0], volumes[0].metadata.get("series_uid", "")))
     if progress:
         progress("read", len(inputs), len(inputs), "")
     timings["read"] = time.perf_counter() - start
@@ -173,21 +209,37 @@ def run_segmentation(
     )
 
     start = time.perf_counter()
+    name = (output or dicom_seg).name  # type: ignore[union-attr]
     if progress:
-        progress("write", 0, 1, output.name)
+        progress("write", 0, 1, name)
     labels_spec = [label.to_dict() for label in card.labels]
-    if kind == "segmentation":
-        write_segmentation(output, labels, labels_spec, overwrite=overwrite)
-    else:
-        write_volume(output, labels, overwrite=overwrite)
-    rows: list[dict] = []
-    if measurements_path is not None:
-        rows = compute_measurements(labels, labels_spec)
-        write_measurements(measurements_path, rows, overwrite=overwrite)
+    seg_dataset = None
+    if source_headers is not None:
+        from .dicomseg import build_dicom_seg
+
+        seg_dataset = build_dicom_seg(labels, labels_spec, source_headers, card.id, card.version, card.name)
+    written: list[Path] = []
+    try:
+        if kind == "segmentation":
+            written.append(write_segmentation(output, labels, labels_spec, overwrite=overwrite))
+        elif kind == "labelmap":
+            written.append(write_volume(output, labels, overwrite=overwrite))
+        if seg_dataset is not None:
+            from .dicomseg import write_dicom_seg
+
+            written.append(write_dicom_seg(dicom_seg, seg_dataset, overwrite=overwrite))
+        rows: list[dict] = []
+        if measurements_path is not None:
+            rows = compute_measurements(labels, labels_spec)
+            written.append(write_measurements(measurements_path, rows, overwrite=overwrite))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     if progress:
-        progress("write", 1, 1, output.name)
+        progress("write", 1, 1, name)
     timings["write"] = time.perf_counter() - start
     return SegmentationResult(
         labels=labels, card=card, backend=predictor.name, device=predictor.device,
-        output=output, measurements=rows, timings=timings,
+        output=output, dicom_seg=dicom_seg, measurements=rows, timings=timings,
     )

@@ -87,3 +87,59 @@ def analytic_model_3d_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from analytic_models import threshold_model_folder
 
     return threshold_model_folder(tmp_path_factory.mktemp("models") / "analytic-bone-3d", mode="3d")
+
+
+@pytest.fixture(scope="session")
+def ct_dicom_with_uids(ct_dicom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared CT DICOM series with the UIDs its anonymiser emptied given back, as a PACS holds it.
+
+    SOPClassUID/SOPInstanceUID come from each file's meta information; StudyInstanceUID and
+    SeriesInstanceUID are fixed test UIDs; PatientID is a test value. Pixels are unchanged
+    (JPEG 2000 lossless).
+    """
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    folder = tmp_path_factory.mktemp("ct-dicom-uids")
+    study = generate_uid(entropy_srcs=["medsegai-test-ct-study"])
+    series = generate_uid(entropy_srcs=["medsegai-test-ct-series"])
+    for path in sorted(ct_dicom_dir.iterdir()):
+        dataset = pydicom.dcmread(path)
+        dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
+        dataset.StudyInstanceUID = study
+        dataset.SeriesInstanceUID = series
+        dataset.PatientID = "MEDSEGAI-TEST-CT"
+        dataset.save_as(folder / f"{path.name}.dcm")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ct_dicom_seg_run(ct_dicom_with_uids: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One CLI run on the CT DICOM series (default model) writing a .seg.nrrd and a DICOM SEG.
+
+    Returns ``{"nrrd": .seg.nrrd, "seg": .dcm, "source": the series folder}``.
+    """
+    pytest.importorskip("highdicom", reason="the dicom extra (pip install -e .[dicom]) is not installed")
+    from MedSegAILib import cli
+
+    out = tmp_path_factory.mktemp("dicomseg")
+    nrrd, seg = out / "ct.seg.nrrd", out / "ct.dcm"
+    code = cli.main(["segment", str(ct_dicom_with_uids), "-o", str(nrrd), "--dicom-seg", str(seg), "--progress", "none"])
+    assert code == 0
+    return {"nrrd": nrrd, "seg": seg, "source": ct_dicom_with_uids}
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory):
+    """One real Orthanc PACS with DICOMweb for the session (loopback only, temporary storage), stopped after."""
+    import orthanc_server
+
+    why = orthanc_server.available()
+    if why is not None:
+        pytest.fail(why)
+    server = orthanc_server.OrthancServer(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield server.start()
+    finally:
+        server.close()

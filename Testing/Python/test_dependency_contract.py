@@ -37,6 +37,7 @@ CLI_ONLY = {
     "slicerio": "writing/reading .seg.nrrd files (segfile.py); the panel writes a plain .nrrd labelmap",
     "matplotlib": "the demo's preview.png and evaluation figures",
     "yaml": "--config FILE.yaml for training (JSON configs need nothing)",
+    "highdicom": "DICOM SEG output (segment -o X.dcm, --dicom-seg, --dicomweb, watch); Slicer ships it from 5.12",
 }
 
 
