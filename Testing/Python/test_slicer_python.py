@@ -113,6 +113,7 @@ def cli_labels(tmp_path_factory) -> np.ndarray:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # a first run builds the environment and downloads TensorFlow
 def test_first_click_in_slicers_python(slicer_release, cli_labels: np.ndarray, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     release, python = slicer_release
