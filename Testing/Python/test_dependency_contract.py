@@ -27,7 +27,7 @@ SLICER_LISTS = REPO_ROOT.parent / "shared" / "slicer-python"
 SUPPORTED = ("5.8.1", "5.10.0", "5.12.3")
 
 # import name -> distribution name, where they differ
-DISTRIBUTION = {"SimpleITK": "simpleitk", "yaml": "pyyaml"}
+DISTRIBUTION = {"SimpleITK": "simpleitk", "yaml": "pyyaml", "dicomweb_client": "dicomweb-client"}
 # Slicer's own modules (built with Slicer, not on PyPI)
 SLICER_BUILT = {"slicer", "vtk", "qt", "ctk", "mrml"}
 # Packages that come with a listed requirement (keras with tensorflow).
