@@ -9,7 +9,7 @@ TF_PACKAGE ?= tensorflow-cpu>=2.16,<2.22
 STAMP := $(VENV)/.medsegai-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast models bench clean
+.PHONY: setup system-deps demo test test-fast models bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,20 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# pdftoppm (poppler-utils) renders the PDF case report in Testing/Python/test_report.py.
+system-deps:
+	@command -v pdftoppm >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq poppler-utils >/dev/null; \
+	  else echo "please install poppler-utils (pdftoppm), e.g. sudo apt-get install poppler-utils"; exit 1; fi; }
+
 demo: setup
 	$(BIN)/python -m MedSegAILib.demo --output demo-output
 
-test: setup
+test: setup system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup system-deps
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
 
 models: setup

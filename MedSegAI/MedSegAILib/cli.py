@@ -16,6 +16,7 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from .backends import BACKENDS
 from .errors import CancelledError, MedSegAIInputError
 
 __all__ = ["main", "build_parser"]
@@ -90,11 +91,15 @@ def _add_segment_command(subparsers: Any) -> None:
     parser.add_argument("--model", default=None, metavar="ID_OR_FOLDER", help="model id or folder (default: the default model)")
     parser.add_argument("--series", default=None, metavar="UID", help="DICOM SeriesInstanceUID when a folder holds several series")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
-    parser.add_argument("--backend", choices=("auto", "tensorflow", "onnx"), default="auto")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N", help="windows per network call")
     parser.add_argument("--measurements", default=None, metavar="FILE", help="write per-segment measurements (.csv or .json)")
+    parser.add_argument("--report", default=None, metavar="FILE.pdf",
+                        help="also write a one-page PDF case report (model, input, views, measurements, validation)")
+    parser.add_argument("--report-identify", action="store_true",
+                        help="put the DICOM input's patient name, id and birth date into the report (off by default)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                         help="progress display (default: bar on a terminal)")
@@ -135,6 +140,7 @@ def _run_segment(args: argparse.Namespace) -> int:
         args.inputs, args.output, model=args.model, series_uid=args.series, backend=args.backend,
         device=args.device, options=options, measurements=args.measurements, overwrite=args.overwrite,
         progress=make_reporter(args.progress), should_cancel=cancel,
+        report=args.report, report_identify=args.report_identify,
     )
     found = [row["name"] for row in result.measurements if row.get("voxel_count", 0) > 0]
     summary = f"wrote {result.output} with model {result.card.id} {result.card.version} ({result.backend}, {result.device})"
@@ -142,7 +148,37 @@ def _run_segment(args: argparse.Namespace) -> int:
         summary += f"; measurements in {args.measurements}"
         if not found:
             summary += "; no label was found"
+    if args.report:
+        summary += f"; report in {args.report}"
     print(summary, file=sys.stderr)
+    return EXIT_OK
+
+
+def _add_report_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        parents=[_common_options()],
+        help="write the PDF case report of an existing segmentation",
+        description="Write the one-page PDF case report for INPUT(s) and a label map made (and maybe corrected) "
+        "with MODEL: what `segment --report` writes, for a segmentation edited afterwards.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="the image(s) that were segmented, in the model's channel order")
+    parser.add_argument("--labels", required=True, metavar="LABELS", help="label map on the first input's grid (.nrrd, .nii.gz, ...)")
+    parser.add_argument("-o", "--output", required=True, metavar="FILE.pdf", help="the report to write")
+    parser.add_argument("--model", default=None, metavar="ID_OR_FOLDER", help="the model that made the labels (default: the default model)")
+    parser.add_argument("--series", default=None, metavar="UID", help="DICOM SeriesInstanceUID when a folder holds several series")
+    parser.add_argument("--report-identify", action="store_true",
+                        help="put the DICOM input's patient name, id and birth date into the report (off by default)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    parser.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .report import report_from_files
+
+    path = report_from_files(args.inputs, args.labels, args.output, model=args.model, series_uid=args.series,
+                             identify=args.report_identify, overwrite=args.overwrite)
+    print(f"wrote {path}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -202,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     _add_segment_command(subparsers)
+    _add_report_command(subparsers)
     _add_models_command(subparsers)
     _add_training_commands(subparsers)
     return parser

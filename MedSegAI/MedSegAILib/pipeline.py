@@ -122,8 +122,13 @@ def run_segmentation(
     overwrite: bool = False,
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    report: str | Path | None = None,
+    report_identify: bool = False,
 ) -> SegmentationResult:
     """Read input files, segment them, write the output (and measurements). What ``medsegai segment`` does.
+
+    ``report`` also writes the one-page PDF case report (:func:`MedSegAILib.report.write_case_report`);
+    ``report_identify`` puts the DICOM input's patient name, id and birth date into it.
 
     Raises:
         MedSegAIInputError: any problem with the inputs, the model or the output paths; raised
@@ -143,6 +148,13 @@ def run_segmentation(
         if measurements_path.suffix.lower() not in (".csv", ".json"):
             raise MedSegAIInputError(f"--measurements must end with .csv or .json, not '{measurements_path.name}'.")
         _check_output_free(measurements_path, overwrite)
+    report_path = None
+    if report:
+        from .report import check_report_path
+
+        report_path = check_report_path(report, overwrite)
+    elif report_identify:
+        raise MedSegAIInputError("--report-identify needs --report FILE.pdf; add the report path or drop --report-identify.")
     card = find_model(model)
     if len(inputs) != len(card.channels):
         raise MedSegAIInputError(
@@ -179,9 +191,18 @@ def run_segmentation(
     else:
         write_volume(output, labels, overwrite=overwrite)
     rows: list[dict] = []
-    if measurements_path is not None:
+    if measurements_path is not None or report_path is not None:
         rows = compute_measurements(labels, labels_spec)
+    if measurements_path is not None:
         write_measurements(measurements_path, rows, overwrite=overwrite)
+    if report_path is not None:
+        from .report import patient_identity, write_case_report
+
+        identity = patient_identity(inputs[0], series_uid) if report_identify else None
+        write_case_report(
+            report_path, volumes[0], labels, card, inputs=volumes, measurements=rows, identity=identity,
+            backend=f"{predictor.name}, {predictor.device}", overwrite=overwrite,
+        )
     if progress:
         progress("write", 1, 1, output.name)
     timings["write"] = time.perf_counter() - start
