@@ -208,18 +208,20 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _add_training_commands(subparsers: Any) -> None:
-    """``train``, ``evaluate`` and ``dataset`` come from the training package when it is installed."""
+    """``train``, ``export``, ``evaluate`` and ``dataset`` come from the training package when it is installed."""
     try:
         from medsegai_training.cli_data import add_dataset_commands, add_evaluate_command
+        from medsegai_training.cli_export import add_export_command
         from medsegai_training.cli_train import add_train_command
     except ImportError as e:
         missing = str(e)
-        for name in ("train", "evaluate", "dataset"):
+        for name in ("train", "export", "evaluate", "dataset"):
             parser = subparsers.add_parser(name, help=f"{name} (needs the training package)", add_help=False)
             parser.add_argument("rest", nargs=argparse.REMAINDER)
             parser.set_defaults(func=lambda args, why=missing: _training_missing(why))
         return
     add_train_command(subparsers)
+    add_export_command(subparsers)
     add_evaluate_command(subparsers)
     add_dataset_commands(subparsers)
 
