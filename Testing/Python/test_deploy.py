@@ -116,7 +116,7 @@ def test_bad_export_requests_are_one_line_and_write_nothing(ct_dataset, tmp_path
     assert (existing / "keep.txt").read_text() == "keep"
 
 
-def test_int8_dice_change_is_measured_and_bounded(ct_dataset, tmp_path, monkeypatch, capsys) -> None:
+def test_int8_dice_change_is_measured_and_bounded(ct_dataset, tmp_path) -> None:
     from medsegai_training import deploy
 
     out = tmp_path / "ct-int8"
@@ -129,15 +129,22 @@ def test_int8_dice_change_is_measured_and_bounded(ct_dataset, tmp_path, monkeypa
     size_float = (REPO / "MedSegAI/Resources/Models/ct-abdomen-organs/model.keras").stat().st_size
     assert (out / "model.tflite").stat().st_size < 0.4 * size_float  # 8-bit weights
 
-    capsys.readouterr()
-    monkeypatch.setattr(deploy, "MAX_INT8_DICE_DROP", -1.0)  # every int8 model now "drops" too much
-    refused = tmp_path / "refused"
-    assert main(["export", "ct-abdomen-organs", "--format", "tflite", "--quantize", "int8", "-o", str(refused),
-                 "--data", str(ct_dataset), "--cases", "1"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: the int8 model's Dice drops by") and "--force" in err
-    assert f"{check['dice_float']:.4f}" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct-int8"]  # nothing half-written
+
+
+def test_int8_refusal_rule() -> None:
+    from medsegai_training.deploy import MAX_INT8_DICE_DROP, check_int8
+
+    from MedSegAILib.errors import MedSegAIInputError
+
+    check = {"cases": ["case_0001", "case_0002"], "dice_float": 0.9, "dice_export": 0.9 - MAX_INT8_DICE_DROP + 1e-6}
+    check["dice_change"] = check["dice_export"] - check["dice_float"]
+    check_int8(check)  # within the bound
+    check.update(dice_export=0.85, dice_change=-0.05)
+    with pytest.raises(MedSegAIInputError, match=r"drops by 0\.0500 \(float 0\.9000 -> int8 0\.8500 on 2 case\(s\)\).*--force"):
+        check_int8(check)
+    check_int8(check, force=True)
+    with pytest.raises(MedSegAIInputError, match="none of the model's labels"):
+        check_int8({"cases": ["c"], "dice_float": None, "dice_export": None, "dice_change": None})
 
 
 def test_a_layer_tflite_cannot_hold_is_named(ct_dataset, tmp_path, capsys) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "MIN_AGREEMENT",
     "QUANTIZATIONS",
     "SAVEDMODEL_VERSION",
+    "check_int8",
     "export_deployment",
     "load_savedmodel_predictor",
 ]
@@ -414,13 +415,7 @@ def export_deployment(
                                 if dice_float else None)
         if quantize == "int8":
             check["calibration"] = f"{len(reference.windows)} windows the engine fed the network on the check cases"
-            drop = -(check["dice_change"] or 0.0)
-            if drop > MAX_INT8_DICE_DROP and not force:
-                raise MedSegAIInputError(
-                    f"the int8 model's Dice drops by {drop:.4f} (float {check['dice_float']:.4f} -> int8 "
-                    f"{check['dice_export']:.4f} on {len(cases)} case(s)), more than {MAX_INT8_DICE_DROP}; nothing was "
-                    "written. Use --quantize float16, or pass --force to write it anyway."
-                )
+            check_int8(check, force)
         elif agreement < MIN_AGREEMENT:
             raise MedSegAIInputError(
                 f"the {fmt} export gives the Keras labels on only {100 * agreement:.3f} % of voxels "
@@ -449,6 +444,33 @@ def export_deployment(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return check
+
+
+def check_int8(check: dict[str, Any], force: bool = False) -> None:
+    """Refuse an int8 export whose Dice dropped by more than :data:`MAX_INT8_DICE_DROP` (or could not be measured).
+
+    Args:
+        check: the check record (``dice_float``, ``dice_export``, ``dice_change``, ``cases``).
+        force: accept it anyway.
+
+    Raises:
+        MedSegAIInputError: the drop is too large, or no label of the model is in the check data,
+            and ``force`` is false.
+    """
+    if force:
+        return
+    if check.get("dice_change") is None:
+        raise MedSegAIInputError(
+            "cannot measure the int8 model's Dice change: the --data cases have none of the model's labels; "
+            "give a dataset with them, or pass --force to write it unmeasured."
+        )
+    drop = -float(check["dice_change"])
+    if drop > MAX_INT8_DICE_DROP:
+        raise MedSegAIInputError(
+            f"the int8 model's Dice drops by {drop:.4f} (float {check['dice_float']:.4f} -> int8 "
+            f"{check['dice_export']:.4f} on {len(check['cases'])} case(s)), more than {MAX_INT8_DICE_DROP}; nothing was "
+            "written. Use --quantize float16, or pass --force to write it anyway."
+        )
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
