@@ -75,7 +75,7 @@ def segment_case(
     Args:
         volumes: one ``Volume`` per model channel, in the model's channel order.
         model: a model id, a model folder, a loaded card, or ``None`` for the default model.
-        backend: ``auto``, ``onnx`` or ``tensorflow``.
+        backend: one of :data:`MedSegAILib.backends.BACKENDS` (``auto``, ``onnx``, ``tensorflow``, ``tflite``).
         device: ``auto``, ``cpu`` or ``gpu``.
         options: ``inference.SegmentOptions`` (overlap, tta, batch size, post-processing).
         progress: ``(stage, done, total, message)`` callback.

@@ -6,7 +6,6 @@ training/recipes/build_datasets.py, as `make models` builds them.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -63,14 +62,15 @@ def test_tflite_float_export_runs_as_a_backend(ct_dataset, ct_small, tmp_path) -
     assert check["dice_float"] > 0.8 and abs(check["dice_change"]) < 0.005
     assert card.raw["metrics"]["cross_validation"]["dice"]["liver"] == pytest.approx(0.9321)  # the card is carried over
 
-    tflite_labels, keras_labels = tmp_path / "tflite.nrrd", tmp_path / "keras.nrrd"
+    tflite_labels, onnx_labels = tmp_path / "tflite.nrrd", tmp_path / "onnx.nrrd"
     code, _, err = run_cli("segment", str(ct_small), "-o", str(tflite_labels), "--model", str(out),
                            "--backend", "tflite", "--progress", "none")
     assert code == 0, err
     assert err.strip().count("\n") == 0 and "(tflite, cpu)" in err  # one summary line, no native start-up noise
-    assert main(["segment", str(ct_small), "-o", str(keras_labels), "--backend", "tensorflow", "--progress", "none"]) == 0
+    # the shipped model.onnx was checked against Keras when it was written (max difference <= 1e-4): a cheaper reference
+    assert main(["segment", str(ct_small), "-o", str(onnx_labels), "--backend", "onnx", "--progress", "none"]) == 0
     a = sitk.GetArrayFromImage(sitk.ReadImage(str(tflite_labels)))
-    b = sitk.GetArrayFromImage(sitk.ReadImage(str(keras_labels)))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(onnx_labels)))
     assert (a == b).mean() >= 0.999 and (a == 1).sum() > 10000  # liver found, same labels
 
 

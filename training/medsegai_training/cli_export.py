@@ -51,7 +51,8 @@ def run_export(args: argparse.Namespace) -> int:
         args.model, args.fmt, args.output, data=args.data, quantize=args.quantize, max_cases=args.cases,
         overwrite=args.overwrite, force=args.force, progress=say,
     )
-    summary = f"wrote {args.output} ({check['format']} {check['quantize']}): labels identical to Keras on {100 * check['voxel_agreement']:.3f} % of voxels"
+    summary = (f"wrote {args.output} ({check['format']} {check['quantize']}): labels identical to Keras on "
+               f"{100 * check['voxel_agreement']:.3f} % of voxels")
     if check.get("dice_change") is not None:
         summary += f"; Dice {check['dice_float']:.4f} -> {check['dice_export']:.4f} ({check['dice_change']:+.4f})"
     say(summary)

@@ -435,7 +435,8 @@ def export_deployment(
         notice = card.folder / "NOTICE"
         if notice.is_file():
             shutil.copy2(notice, tmp / "NOTICE")
-        (tmp / "README.md").write_text(_readme(new_card, fmt, quantize, signature, check, is_shipped_model(card)), encoding="utf-8")
+        readme = _readme(new_card, fmt, quantize, signature, check, is_shipped_model(card))
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
         with open(tmp / "model.json", "w", encoding="utf-8") as handle:
             json.dump(new_card, handle, indent=2, ensure_ascii=False)
             handle.write("\n")
