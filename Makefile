@@ -8,9 +8,10 @@ BIN := $(VENV)/bin
 TF_PACKAGE ?= tensorflow-cpu>=2.16,<2.22
 STAMP := $(VENV)/.medsegai-installed
 PYTEST_ARGS ?=
-# Debian packages the DICOM tests use (not the demo): a real PACS with DICOMweb, the DICOM validator
-# dciodvfy, and `ip` to bring up the loopback-only network namespace the test PACS runs in.
-TEST_DEB_PACKAGES := orthanc orthanc-dicomweb dicom3tools iproute2
+# Debian packages the tests use (not the demo): a real PACS with DICOMweb, the DICOM validator
+# dciodvfy, `ip` to bring up the loopback-only network namespace the test PACS runs in, and pdftoppm
+# (poppler-utils) to render the PDF case report.
+TEST_DEB_PACKAGES := orthanc orthanc-dicomweb dicom3tools iproute2 poppler-utils
 
 .PHONY: setup system-test-deps demo test test-fast models bench clean
 
@@ -32,7 +33,7 @@ system-test-deps:
 	@missing=$$(for p in $(TEST_DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  echo "installing Debian packages for the DICOM tests: $$missing"; \
+	  echo "installing Debian packages for the tests: $$missing"; \
 	  policy=/usr/sbin/policy-rc.d; added=; \
 	  if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' | $$sudo tee $$policy >/dev/null && $$sudo chmod +x $$policy && added=1; fi; \
 	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \

@@ -32,6 +32,7 @@ from slicer.parameterNodeWrapper import Choice, GuiConnector, WithinRange, param
 from slicer.util import VTKObservationMixin
 
 from MedSegAILib import dependencies, model_store, mrml, slicer_logic
+from MedSegAILib.backends import BACKENDS
 from MedSegAILib.errors import MedSegAIInputError
 
 MAXIMUM_CHANNELS = 4
@@ -95,7 +96,7 @@ class MedSegAIParameterNode:
     inputVolume4: slicer.vtkMRMLScalarVolumeNode
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     device: Annotated[str, Choice(["auto", "cpu", "gpu"])] = "auto"
-    backend: Annotated[str, Choice(["auto", "tensorflow", "onnx"])] = "auto"
+    backend: Annotated[str, Choice(list(BACKENDS))] = "auto"
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
     testTimeAugmentation: bool = False
     batchSize: Annotated[int, WithinRange(0, 512)] = 0

@@ -1,4 +1,4 @@
-"""Inference backends: ONNX Runtime and TensorFlow/Keras behind one ``predict`` call.
+"""Inference backends: ONNX Runtime, TensorFlow/Keras and TFLite behind one ``predict`` call.
 
 Both take a float32 channels-last batch — 2D ``(N, y, x, C)`` or 3D ``(N, z, y, x, C)`` — and return
 float32 softmax probabilities ``(N, ..., K)``. The heavy packages are imported only when a
@@ -7,10 +7,11 @@ predictor is created.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 
@@ -18,9 +19,10 @@ from .errors import MedSegAIInputError, ModelFolderError
 from .modelcard import ModelCard
 from .threads import thread_count
 
-__all__ = ["BACKENDS", "DEVICES", "Predictor", "available_backends", "import_tensorflow", "load_predictor"]
+__all__ = ["BACKENDS", "DEVICES", "Predictor", "TFLitePredictor", "available_backends", "import_tensorflow", "load_predictor"]
 
-BACKENDS = ("auto", "onnx", "tensorflow")
+# The one definition of the --backend choices (CLI, Slicer panel, load_predictor).
+BACKENDS = ("auto", "onnx", "tensorflow", "tflite")
 # ONNX Runtime on CPU runs at most this many voxels (windows x window voxels) per call: small
 # batches stay in cache (4 windows of 160x160 measured ~1.5x faster per window than 16).
 ONNX_CPU_RUN_VOXELS = 4 * 160 * 160
@@ -43,7 +45,10 @@ def _installed(module: str) -> bool:
 
 def available_backends() -> list[str]:
     """Backends whose Python package is importable here (no import is done)."""
-    return [name for name, module in (("onnx", "onnxruntime"), ("tensorflow", "tensorflow")) if _installed(module)]
+    found = [name for name, module in (("onnx", "onnxruntime"), ("tensorflow", "tensorflow")) if _installed(module)]
+    if _installed("ai_edge_litert") or _installed("tensorflow"):
+        found.append("tflite")
+    return found
 
 
 def import_tensorflow() -> Any:
@@ -54,16 +59,23 @@ def import_tensorflow() -> Any:
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with native_stderr_silenced():
+        import tensorflow
+    return tensorflow
+
+
+@contextlib.contextmanager
+def native_stderr_silenced() -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the block (native libraries' start-up lines)."""
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     try:
         os.dup2(devnull, 2)
-        import tensorflow
+        yield
     finally:
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
-    return tensorflow
 
 
 class OnnxPredictor:
@@ -143,11 +155,53 @@ class KerasPredictor:
         return np.asarray(output, dtype=np.float32)
 
 
+class TFLitePredictor:
+    """``model.tflite`` run by the TFLite interpreter of ``ai-edge-litert`` (preferred) or ``tensorflow``.
+
+    The exported graph has dynamic batch and spatial sizes; the input tensor is resized when a
+    batch of another shape arrives. Float32 in and out, also for float16/int8 quantised files.
+    CPU only (``--device gpu`` is refused).
+    """
+
+    name = "tflite"
+
+    def __init__(self, path: os.PathLike[str] | str, device: str) -> None:
+        import warnings
+
+        if device == "gpu":
+            raise MedSegAIInputError("--backend tflite runs on the CPU only; use --device cpu or auto, or another backend.")
+        self.device = "cpu"
+        with warnings.catch_warnings(), native_stderr_silenced():
+            warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
+            if _installed("ai_edge_litert"):
+                from ai_edge_litert.interpreter import Interpreter
+            else:
+                Interpreter = import_tensorflow().lite.Interpreter
+            try:
+                self._interpreter = Interpreter(model_path=str(path), num_threads=thread_count())
+            except (ValueError, RuntimeError) as e:
+                raise ModelFolderError(f"cannot load {path} with the TFLite interpreter: {e}. Re-export the model.") from e
+        self._input = self._interpreter.get_input_details()[0]["index"]
+        self._output = self._interpreter.get_output_details()[0]["index"]
+        self._shape: tuple[int, ...] | None = None
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        if batch.shape != self._shape:
+            self._interpreter.resize_tensor_input(self._input, list(batch.shape), strict=False)
+            with native_stderr_silenced():  # "Created TensorFlow Lite XNNPACK delegate" on the first allocation
+                self._interpreter.allocate_tensors()
+            self._shape = batch.shape
+        self._interpreter.set_tensor(self._input, batch)
+        self._interpreter.invoke()
+        return np.array(self._interpreter.get_tensor(self._output), dtype=np.float32)
+
+
 def load_predictor(card: ModelCard, backend: str = "auto", device: str = "auto") -> Predictor:
     """Create the predictor for a model folder.
 
     ``auto`` picks ONNX Runtime when ``model.onnx`` and the package are both there (it is the faster
-    one on CPU), else TensorFlow.
+    one on CPU), else TensorFlow, else TFLite (a folder written by ``medsegai export --format tflite``).
 
     Raises:
         MedSegAIInputError: unknown backend/device, or the needed package/file is missing.
@@ -156,19 +210,22 @@ def load_predictor(card: ModelCard, backend: str = "auto", device: str = "auto")
         raise MedSegAIInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     if device not in DEVICES:
         raise MedSegAIInputError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
-    onnx_file, keras_file = card.weights_path("onnx"), card.weights_path("keras")
-    choices = {"onnx": (onnx_file, "onnxruntime"), "tensorflow": (keras_file, "tensorflow")}
-    order = ["onnx", "tensorflow"] if backend == "auto" else [backend]
+    tflite_package = "ai_edge_litert" if _installed("ai_edge_litert") else "tensorflow"
+    choices = {
+        "onnx": (card.weights_path("onnx"), "onnxruntime", "model.onnx", OnnxPredictor),
+        "tensorflow": (card.weights_path("keras"), "tensorflow", "model.keras", KerasPredictor),
+        "tflite": (card.weights_path("tflite"), tflite_package, "model.tflite (medsegai export --format tflite)", TFLitePredictor),
+    }
+    order = ["onnx", "tensorflow", "tflite"] if backend == "auto" else [backend]
     missing: list[str] = []
     for name in order:
-        path, package = choices[name]
+        path, package, file_name, predictor_class = choices[name]
         if path is None:
-            missing.append(f"the model has no {'model.onnx' if name == 'onnx' else 'model.keras'}")
+            missing.append(f"the model has no {file_name}")
             continue
         if not _installed(package):
             missing.append(f"the Python package '{package}' is not installed")
             continue
-        predictor_class: Any = OnnxPredictor if name == "onnx" else KerasPredictor
         return predictor_class(path, device)
     raise MedSegAIInputError(
         f"cannot run model '{card.id}' with backend {backend}: " + "; ".join(missing)

@@ -16,6 +16,7 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from .backends import BACKENDS
 from .errors import CancelledError, MedSegAIInputError
 
 __all__ = ["main", "build_parser"]
@@ -103,11 +104,15 @@ def _add_segment_command(subparsers: Any) -> None:
     web.add_argument("--study", default=None, metavar="UID", help="StudyInstanceUID to segment (with --dicomweb)")
     web.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's TLS certificate")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
-    parser.add_argument("--backend", choices=("auto", "tensorflow", "onnx"), default="auto")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N", help="windows per network call")
     parser.add_argument("--measurements", default=None, metavar="FILE", help="write per-segment measurements (.csv or .json)")
+    parser.add_argument("--report", default=None, metavar="FILE.pdf",
+                        help="also write a one-page PDF case report (model, input, views, measurements, validation)")
+    parser.add_argument("--report-identify", action="store_true",
+                        help="put the DICOM input's patient name, id and birth date into the report (off by default)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                         help="progress display (default: bar on a terminal)")
@@ -147,6 +152,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     common = dict(
         model=args.model, backend=args.backend, device=args.device, options=options, measurements=args.measurements,
         overwrite=args.overwrite, progress=make_reporter(args.progress), should_cancel=cancel,
+        report=args.report, report_identify=args.report_identify,
     )
     if args.dicomweb is not None or args.study is not None:
         return _run_segment_dicomweb(args, common)
@@ -166,6 +172,8 @@ def _run_segment(args: argparse.Namespace) -> int:
         summary += f"; measurements in {args.measurements}"
         if not found:
             summary += "; no label was found"
+    if args.report:
+        summary += f"; report in {args.report}"
     print(summary, file=sys.stderr)
     return EXIT_OK
 
@@ -211,7 +219,7 @@ def _add_watch_command(subparsers: Any) -> None:
     parser.add_argument("--duration", type=number_type(float, 0.1), default=None, metavar="S", help="stop after S seconds")
     parser.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's TLS certificate")
     parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
-    parser.add_argument("--backend", choices=("auto", "tensorflow", "onnx"), default="auto")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.set_defaults(func=_run_watch)
 
 
@@ -231,6 +239,34 @@ def _run_watch(args: argparse.Namespace) -> int:
         interval_s=args.interval, max_studies=args.max_studies, duration_s=args.duration, should_stop=cancel,
         log=log, segment_options={"backend": args.backend, "device": args.device},
     )
+    return EXIT_OK
+
+
+def _add_report_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        parents=[_common_options()],
+        help="write the PDF case report of an existing segmentation",
+        description="Write the one-page PDF case report for INPUT(s) and a label map made (and maybe corrected) "
+        "with MODEL: what `segment --report` writes, for a segmentation edited afterwards.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="the image(s) that were segmented, in the model's channel order")
+    parser.add_argument("--labels", required=True, metavar="LABELS", help="label map on the first input's grid (.nrrd, .nii.gz, ...)")
+    parser.add_argument("-o", "--output", required=True, metavar="FILE.pdf", help="the report to write")
+    parser.add_argument("--model", default=None, metavar="ID_OR_FOLDER", help="the model that made the labels (default: the default model)")
+    parser.add_argument("--series", default=None, metavar="UID", help="DICOM SeriesInstanceUID when a folder holds several series")
+    parser.add_argument("--report-identify", action="store_true",
+                        help="put the DICOM input's patient name, id and birth date into the report (off by default)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
+    parser.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .report import report_from_files
+
+    path = report_from_files(args.inputs, args.labels, args.output, model=args.model, series_uid=args.series,
+                             identify=args.report_identify, overwrite=args.overwrite)
+    print(f"wrote {path}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -260,18 +296,20 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _add_training_commands(subparsers: Any) -> None:
-    """``train``, ``evaluate`` and ``dataset`` come from the training package when it is installed."""
+    """``train``, ``export``, ``evaluate`` and ``dataset`` come from the training package when it is installed."""
     try:
         from medsegai_training.cli_data import add_dataset_commands, add_evaluate_command
+        from medsegai_training.cli_export import add_export_command
         from medsegai_training.cli_train import add_train_command
     except ImportError as e:
         missing = str(e)
-        for name in ("train", "evaluate", "dataset"):
+        for name in ("train", "export", "evaluate", "dataset"):
             parser = subparsers.add_parser(name, help=f"{name} (needs the training package)", add_help=False)
             parser.add_argument("rest", nargs=argparse.REMAINDER)
             parser.set_defaults(func=lambda args, why=missing: _training_missing(why))
         return
     add_train_command(subparsers)
+    add_export_command(subparsers)
     add_evaluate_command(subparsers)
     add_dataset_commands(subparsers)
 
@@ -291,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers.required = True
     _add_segment_command(subparsers)
     _add_watch_command(subparsers)
+    _add_report_command(subparsers)
     _add_models_command(subparsers)
     _add_training_commands(subparsers)
     return parser

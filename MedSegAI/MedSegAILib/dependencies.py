@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .backends import BACKENDS
 from .engine_process import (
     EngineFailedError,
     EngineProcess,
@@ -69,8 +70,8 @@ PROTECTED_PACKAGES = frozenset(SHIPPED_BY_SLICER) | {"vtk"}
 _IMPORT_NAMES = {
     "numpy": "numpy", "scipy": "scipy", "simpleitk": "SimpleITK", "pydicom": "pydicom",
     "onnxruntime": "onnxruntime", "tensorflow": "tensorflow", "tf2onnx": "tf2onnx", "onnx": "onnx",
+    "ai-edge-litert": "ai_edge_litert",
 }
-_BACKENDS = ("auto", "tensorflow", "onnx")
 _VERSION = re.compile(r"^[0-9]+(\.[0-9]+)*((a|b|rc)[0-9]+)?(\.post[0-9]+)?(\.dev[0-9]+)?(\+[A-Za-z0-9.]+)?$")
 
 
@@ -107,26 +108,28 @@ def needed_packages(purpose: str = "segment", backend: str = "auto", card: Any =
 
     Args:
         purpose: ``"segment"`` or ``"fine-tune"``.
-        backend: the panel's backend choice (``auto``, ``tensorflow``, ``onnx``).
-        card: the selected model's card; with ``auto``, a model without ``model.onnx`` needs TensorFlow.
+        backend: the panel's backend choice (one of :data:`MedSegAILib.backends.BACKENDS`).
+        card: the selected model's card; with ``auto``, a model without ``model.onnx`` needs TensorFlow
+            (its ``model.keras``, or the TFLite interpreter for a ``model.tflite``-only folder).
 
     Raises:
         ValueError: unknown purpose or backend.
     """
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be auto, tensorflow or onnx, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     groups: list[tuple[str, ...]] = [(name,) for name in SHIPPED_BY_SLICER]
     if purpose == "fine-tune":
         return [*groups, ("tensorflow",), ("tf2onnx",), ("onnx",), ("onnxruntime",)]
     files = getattr(card, "files", None) or {}
-    if backend == "onnx":
-        groups.append(("onnxruntime",))
-    elif backend == "tensorflow" or (card is not None and "onnx" not in files):
-        groups.append(("tensorflow",))
-    else:
-        groups.append(("onnxruntime", "tensorflow"))
+    if backend == "auto" and card is not None:
+        backend = "onnx-or-tensorflow" if "onnx" in files else "tensorflow" if "keras" in files else "tflite"
+    groups.append({
+        "onnx": ("onnxruntime",),
+        "tensorflow": ("tensorflow",),
+        "tflite": ("tensorflow", "ai-edge-litert"),  # the TFLite interpreter of either
+    }.get(backend, ("onnxruntime", "tensorflow")))
     return groups
 
 

@@ -119,9 +119,9 @@ class ModelCard:
         return {"background": 0, **{label.name: label.value for label in self.labels}}
 
     def weights_path(self, kind: str) -> Path | None:
-        """Path of the ``keras`` or ``onnx`` file when the card lists it and it exists."""
+        """Path of the ``keras``, ``onnx`` or ``tflite`` file when the card lists it and it exists."""
         name = self.files.get(kind)
-        if not name:
+        if not name or not isinstance(name, str):
             return None
         path = self.folder / name
         return path if path.is_file() else None
@@ -210,7 +210,11 @@ class ModelCard:
         if not isinstance(data, dict):
             raise ModelFolderError(f"{card_path} must hold a JSON object, not {type(data).__name__}.")
         card = cls.from_dict(data, folder.resolve())
-        missing = [name for name in card.files.values() if not (card.folder / name).is_file()]
+        missing = [
+            name for kind, name in card.files.items()
+            if isinstance(name, str)
+            and not ((card.folder / name / "saved_model.pb").is_file() if kind == "savedmodel" else (card.folder / name).is_file())
+        ]
         if missing:
             raise ModelFolderError(
                 f"model folder {folder} lists weights that are not there: {', '.join(missing)}. "

@@ -79,7 +79,7 @@ def segment_case(
     Args:
         volumes: one ``Volume`` per model channel, in the model's channel order.
         model: a model id, a model folder, a loaded card, or ``None`` for the default model.
-        backend: ``auto``, ``onnx`` or ``tensorflow``.
+        backend: one of :data:`MedSegAILib.backends.BACKENDS` (``auto``, ``onnx``, ``tensorflow``, ``tflite``).
         device: ``auto``, ``cpu`` or ``gpu``.
         options: ``inference.SegmentOptions`` (overlap, tta, batch size, post-processing).
         progress: ``(stage, done, total, message)`` callback.
@@ -127,6 +127,8 @@ def run_segmentation(
     progress: ProgressCallback | None = None,
     should_cancel: Callable[[], bool] | None = None,
     dicom_seg: str | Path | None = None,
+    report: str | Path | None = None,
+    report_identify: bool = False,
 ) -> SegmentationResult:
     """Read input files, segment them, write the output (and measurements). What ``medsegai segment`` does.
 
@@ -134,6 +136,8 @@ def run_segmentation(
         output: ``.seg.nrrd``, ``.dcm`` (DICOM SEG) or labelmap file; ``None`` when only
             ``dicom_seg`` is wanted.
         dicom_seg: also write a DICOM SEG here (the first input must then be a DICOM folder).
+        report: also write the one-page PDF case report here (:func:`MedSegAILib.report.write_case_report`).
+        report_identify: put the DICOM input's patient name, id and birth date into the report.
 
     Raises:
         MedSegAIInputError: any problem with the inputs, the model or the output paths; raised
@@ -176,6 +180,13 @@ def run_segmentation(
         if measurements_path.suffix.lower() not in (".csv", ".json"):
             raise MedSegAIInputError(f"--measurements must end with .csv or .json, not '{measurements_path.name}'.")
         _check_output_free(measurements_path, overwrite)
+    report_path = None
+    if report:
+        from .report import check_report_path
+
+        report_path = check_report_path(report, overwrite)
+    elif report_identify:
+        raise MedSegAIInputError("--report-identify needs --report FILE.pdf; add the report path or drop --report-identify.")
     card = find_model(model)
     if len(inputs) != len(card.channels):
         raise MedSegAIInputError(
@@ -229,9 +240,18 @@ def run_segmentation(
 
             written.append(write_dicom_seg(dicom_seg, seg_dataset, overwrite=overwrite))
         rows: list[dict] = []
-        if measurements_path is not None:
+        if measurements_path is not None or report_path is not None:
             rows = compute_measurements(labels, labels_spec)
+        if measurements_path is not None:
             written.append(write_measurements(measurements_path, rows, overwrite=overwrite))
+        if report_path is not None:
+            from .report import patient_identity, write_case_report
+
+            identity = patient_identity(inputs[0], series_uid) if report_identify else None
+            written.append(Path(write_case_report(
+                report_path, volumes[0], labels, card, inputs=volumes, measurements=rows, identity=identity,
+                backend=f"{predictor.name}, {predictor.device}", overwrite=overwrite,
+            )))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)

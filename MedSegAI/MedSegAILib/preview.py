@@ -25,7 +25,7 @@ from .errors import MedSegAIInputError, optional_import
 from .image import Volume, present_values
 from .imageio import atomic_output
 
-__all__ = ["render_preview", "canonical_lps_array"]
+__all__ = ["render_preview", "render_views", "canonical_lps_array"]
 
 _OVERLAY_ALPHA = 0.45
 # an image whose darkest voxels are below -500 is taken for CT in Hounsfield units and shown in a
@@ -128,6 +128,103 @@ def _overlay_rgba(labels2d: np.ndarray, colors: dict[int, tuple[float, float, fl
     return rgba
 
 
+def _check_pair(image: Volume, labels: Volume) -> None:
+    """TypeError/ValueError for non-3D or non-Volume arguments, MedSegAIInputError for different grids."""
+    if not isinstance(image, Volume) or not isinstance(labels, Volume):
+        raise TypeError(
+            f"image and labels must be Volume objects, got {type(image).__name__} and {type(labels).__name__}"
+        )
+    if image.array.ndim != 3 or labels.array.ndim != 3:
+        raise ValueError(f"image and labels must be 3D, got shapes {image.array.shape} and {labels.array.shape}")
+    if not image.same_grid(labels):
+        raise MedSegAIInputError(
+            f"the labels ({labels.geometry_description()}) are not on the image's grid "
+            f"({image.geometry_description()}); resample the labels onto the image first."
+        )
+
+
+def _prepare_views(
+    image: Volume, labels: Volume, labels_spec: Any, window: tuple[float, float] | None
+) -> tuple[list[tuple[str, np.ndarray, np.ndarray, float]], dict[int, tuple[float, float, float]], dict[int, str],
+           set[int], tuple[float, float]]:
+    """The three slices both renderers show.
+
+    Returns:
+        ``(views, colors, names, present, (low, high))``: ``views`` are ``(name, grey slice,
+        label slice, pixel aspect = row spacing / column spacing)`` for axial, coronal and
+        sagittal, oriented as the module docstring says; ``colors``/``names`` by label value (values
+        the spec does not list are grey); ``present`` the label values in the volume; the display
+        window.
+    """
+    _check_pair(image, labels)
+    entries = _label_entries(labels_spec)
+    grey, spacing = canonical_lps_array(image)
+    labelmap, _ = canonical_lps_array(labels)
+    low, high = _display_window(grey, window)
+    present = present_values(np.asarray(labelmap)) - {0}
+    colors = {value: rgb for value, _, rgb in entries}
+    for value in present - set(colors):
+        colors[value] = (0.6, 0.6, 0.6)
+    names = {value: name for value, name, _ in entries}
+    cz, cy, cx = _slice_centre(labelmap)
+    sx, sy, sz = spacing
+    views = [
+        ("axial", grey[cz], labelmap[cz], sy / sx),
+        ("coronal", grey[::-1, cy, :], labelmap[::-1, cy, :], sz / sx),
+        ("sagittal", grey[::-1, :, cx], labelmap[::-1, :, cx], sz / sy),
+    ]
+    return views, colors, names, present, (low, high)
+
+
+def render_views(
+    image: Volume,
+    labels: Volume,
+    labels_spec: Any,
+    *,
+    window: tuple[float, float] | None = None,
+    max_pixels: int = 512,
+) -> list[tuple[str, np.ndarray]]:
+    """The preview's three views as RGB arrays, drawn with numpy and Pillow only (no matplotlib).
+
+    Same slices, orientation, display window and colours as :func:`render_preview`; each view is
+    resampled to square pixels (grey values bilinear, labels nearest) so that its longer side has
+    ``max_pixels`` pixels, then the segments are blended over it.
+
+    Args:
+        image: the grey-value volume, ``array`` ``(z, y, x)``.
+        labels: the label map on the same grid.
+        labels_spec: as for :func:`render_preview`.
+        window: grey-value display range; default as for :func:`render_preview`.
+        max_pixels: size of each view's longer side, >= 16.
+
+    Returns:
+        ``[(name, rgb)]`` for ``axial``, ``coronal``, ``sagittal``; ``rgb`` is ``(rows, columns, 3)``
+        uint8, row 0 at the top of the view.
+    """
+    if not isinstance(max_pixels, int) or max_pixels < 16:
+        raise ValueError(f"max_pixels must be an integer >= 16, got {max_pixels!r}")
+    from PIL import Image
+
+    views, colors, _, _, (low, high) = _prepare_views(image, labels, labels_spec, window)
+    result = []
+    for name, grey2d, labels2d, aspect in views:
+        rows, columns = grey2d.shape
+        height, width = rows * aspect, float(columns)
+        scale = max_pixels / max(height, width)
+        size = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
+        scaled = np.clip((np.asarray(grey2d, dtype=np.float32) - low) / (high - low), 0.0, 1.0)
+        grey_image = Image.fromarray(scaled).resize(size, Image.BILINEAR)
+        grey = np.asarray(grey_image, dtype=np.float32)[..., None].repeat(3, axis=2)
+        label_image = Image.fromarray(np.asarray(labels2d).astype(np.int32)).resize(size, Image.NEAREST)
+        label_array = np.asarray(label_image)
+        for value, rgb in colors.items():
+            mask = label_array == value
+            if mask.any():
+                grey[mask] = (1.0 - _OVERLAY_ALPHA) * grey[mask] + _OVERLAY_ALPHA * np.asarray(rgb, dtype=np.float32)
+        result.append((name, np.round(grey * 255.0).astype(np.uint8)))
+    return result
+
+
 def render_preview(
     image: Volume,
     labels: Volume,
@@ -161,17 +258,7 @@ def render_preview(
         TypeError / ValueError: bad arguments.
         MedSegAIInputError: the grids differ, or ``path`` exists and ``overwrite`` is false.
     """
-    if not isinstance(image, Volume) or not isinstance(labels, Volume):
-        raise TypeError(
-            f"image and labels must be Volume objects, got {type(image).__name__} and {type(labels).__name__}"
-        )
-    if image.array.ndim != 3 or labels.array.ndim != 3:
-        raise ValueError(f"image and labels must be 3D, got shapes {image.array.shape} and {labels.array.shape}")
-    if not image.same_grid(labels):
-        raise MedSegAIInputError(
-            f"the labels ({labels.geometry_description()}) are not on the image's grid "
-            f"({image.geometry_description()}); resample the labels onto the image first."
-        )
+    _check_pair(image, labels)
     if not isinstance(dpi, int) or dpi < 20:
         raise ValueError(f"dpi must be an integer >= 20, got {dpi!r}")
     out = Path(path)
@@ -179,28 +266,13 @@ def render_preview(
         raise ValueError(f"path must end in .png, got {str(path)!r}")
     if out.exists() and not overwrite:
         raise MedSegAIInputError(f"{out} already exists; choose another file name or allow overwriting.")
-    entries = _label_entries(labels_spec)
+    views, colors, names, present, (low, high) = _prepare_views(image, labels, labels_spec, window)
 
     optional_import("matplotlib", "Drawing the preview image")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    grey, spacing = canonical_lps_array(image)
-    labelmap, _ = canonical_lps_array(labels)
-    low, high = _display_window(grey, window)
-    present = present_values(np.asarray(labelmap)) - {0}
-    colors = {value: rgb for value, _, rgb in entries}
-    for value in present - set(colors):
-        colors[value] = (0.6, 0.6, 0.6)
-    cz, cy, cx = _slice_centre(labelmap)
-    sx, sy, sz = spacing
-    # (title, grey slice, label slice, pixel aspect = row spacing / column spacing)
-    views = [
-        ("axial", grey[cz], labelmap[cz], sy / sx),
-        ("coronal", grey[::-1, cy, :], labelmap[::-1, cy, :], sz / sx),
-        ("sagittal", grey[::-1, :, cx], labelmap[::-1, :, cx], sz / sy),
-    ]
     widths = [v[1].shape[1] for v in views]
     heights = [v[1].shape[0] * v[3] for v in views]
     figure = Figure(figsize=(12, 4.6))
@@ -220,7 +292,6 @@ def render_preview(
     axes[1].text(0.97, 0.5, "L", color="yellow", transform=axes[1].transAxes, va="center")
     axes[2].text(0.01, 0.5, "A", color="yellow", transform=axes[2].transAxes, va="center")
     axes[2].text(0.97, 0.5, "P", color="yellow", transform=axes[2].transAxes, va="center")
-    names = {value: name for value, name, _ in entries}
     handles = [
         Patch(facecolor=colors[value], edgecolor="black", label=names.get(value, f"label {value}"))
         for value in sorted(present)

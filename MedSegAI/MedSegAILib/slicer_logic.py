@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from . import mrml
+from .backends import BACKENDS
 from .engine_process import (
     TRAINING_STAGE_WEIGHTS,
     EngineFailedError,
@@ -98,8 +99,8 @@ class EngineOptions:
         """Raise ``ValueError`` naming the first bad option."""
         if self.device not in ("auto", "cpu", "gpu"):
             raise ValueError(f"device must be auto, cpu or gpu, got {self.device!r}")
-        if self.backend not in ("auto", "tensorflow", "onnx"):
-            raise ValueError(f"backend must be auto, tensorflow or onnx, got {self.backend!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if not 0 <= float(self.overlap) < 1:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap!r}")
         if self.batch_size is not None and int(self.batch_size) < 1:

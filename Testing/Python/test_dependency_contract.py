@@ -27,7 +27,7 @@ SLICER_LISTS = REPO_ROOT.parent / "shared" / "slicer-python"
 SUPPORTED = ("5.8.1", "5.10.0", "5.12.3")
 
 # import name -> distribution name, where they differ
-DISTRIBUTION = {"SimpleITK": "simpleitk", "yaml": "pyyaml", "dicomweb_client": "dicomweb-client"}
+DISTRIBUTION = {"SimpleITK": "simpleitk", "yaml": "pyyaml", "dicomweb_client": "dicomweb-client", "PIL": "pillow"}
 # Slicer's own modules (built with Slicer, not on PyPI)
 SLICER_BUILT = {"slicer", "vtk", "qt", "ctk", "mrml"}
 # Packages that come with a listed requirement (keras with tensorflow).
@@ -37,6 +37,7 @@ CLI_ONLY = {
     "slicerio": "writing/reading .seg.nrrd files (segfile.py); the panel writes a plain .nrrd labelmap",
     "matplotlib": "the demo's preview.png and evaluation figures",
     "yaml": "--config FILE.yaml for training (JSON configs need nothing)",
+    "ai_edge_litert": "--backend tflite, preferred over TensorFlow's own TFLite interpreter when installed",
     "highdicom": "DICOM SEG output (segment -o X.dcm, --dicom-seg, --dicomweb, watch); Slicer ships it from 5.12",
 }
 

@@ -13,6 +13,7 @@ import json
 import sys
 from typing import Any
 
+from MedSegAILib.backends import BACKENDS
 from MedSegAILib.errors import MedSegAIInputError
 
 __all__ = ["add_dataset_commands", "add_evaluate_command", "run_dataset_check", "run_dataset_import",
@@ -76,7 +77,7 @@ def add_evaluate_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--cases", nargs="+", default=None, metavar="CASE", help="case ids (default: all)")
     parser.add_argument("-o", "--output", required=True, metavar="REPORT_DIR",
                         help="new folder for the report (never overwritten)")
-    parser.add_argument("--backend", choices=["auto", "tensorflow", "onnx"], default="auto")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     parser.set_defaults(func=run_evaluate)
     return parser
