@@ -55,11 +55,14 @@ PATIENCE = 3
 BATCH_SIZE = 8
 TIME_BUDGET_S = 300.0
 
-# Measured on the 2-core CPU (benchmarks/RESULTS.md): seconds of one training step of a 2D U-Net
-# per (batch window pixel × first-level filters² × input channels-weighted work), and the fixed
-# cost of a run (TensorFlow start, reading and resampling the cases, validation, export).
-_SECONDS_PER_UNIT = 3.1e-9
-_FIXED_S = 35.0
+# Time per step: taken from the parent's own training record (``training.duration_s`` over the
+# steps it ran, scaled to the window and batch of the fine-tune) — 0.19 s for mr-brain-tumor 1.2.0
+# and 0.86 s for ct-abdomen-organs 1.1.0 (trained three at a time, so pessimistic) on the 2-core
+# CPU. Without a record: window pixels × batch × first-level filters² × _SECONDS_PER_UNIT (fitted
+# to those two). Fixed cost of a run (TensorFlow start, reading and resampling the cases,
+# validation, ONNX export and check): _FIXED_S + _SECONDS_PER_CASE per case.
+_SECONDS_PER_UNIT = 1.0e-8
+_FIXED_S = 40.0
 _SECONDS_PER_CASE = 4.0
 
 
@@ -166,10 +169,21 @@ def training_patch(card: Any) -> list[int]:
 def seconds_per_step(card: Any, batch_size: int = BATCH_SIZE, patch: list[int] | None = None) -> float:
     """Estimated seconds of one training batch of ``card``'s network on the 2-core reference CPU."""
     raw = _raw_card(card)
+    patch = patch or training_patch(card)
+    training = raw.get("training") or {}
+    try:
+        steps = int(training["epochs_run"]) * int(training["steps_per_epoch"])
+        trained_batch = int(training["batch_size"])
+        trained_pixels = float(math.prod(training.get("training_patch_size") or
+                                         training["config"]["spatial"]["patch_size"]))
+        measured = float(training["duration_s"]) / steps
+        if steps >= 50 and measured > 0:
+            return measured * (batch_size / trained_batch) * (float(math.prod(patch)) / trained_pixels)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        pass
     config = (raw.get("architecture") or {}).get("config") or {}
     base = float(config.get("base_filters", 16))
     channels = len(raw.get("channels") or [1])
-    patch = patch or training_patch(card)
     pixels = float(math.prod(patch))
     if (raw.get("spatial") or {}).get("mode") == "3d":
         pixels *= 9.0  # 3×3×3 kernels: three times the work per voxel, three times the depth
