@@ -197,6 +197,9 @@ class DatasetReport:
         label_voxels: label name -> total voxel count over all readable cases.
         cases_with_label: label name -> number of cases containing that label.
         case_label_voxels: case id -> {label name: voxel count}.
+        case_corrections: case id -> ``{"changed_voxels": int | None, "source_model": "id version" | None}``:
+            how many voxels the user corrected after the model (recorded at export; None when the
+            case was added without a model's first mask, e.g. imported) — what a fine-tune learns from.
         geometry: summary: ``sizes_xyz`` (min/max), ``spacing_xyz`` (min/max), ``oblique_cases``.
     """
 
@@ -210,6 +213,7 @@ class DatasetReport:
     label_voxels: dict[str, int] = field(default_factory=dict)
     cases_with_label: dict[str, int] = field(default_factory=dict)
     case_label_voxels: dict[str, dict[str, int]] = field(default_factory=dict)
+    case_corrections: dict[str, dict[str, Any]] = field(default_factory=dict)
     geometry: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -248,6 +252,7 @@ class DatasetReport:
             "label_voxels": dict(self.label_voxels),
             "cases_with_label": dict(self.cases_with_label),
             "case_label_voxels": {k: dict(v) for k, v in self.case_label_voxels.items()},
+            "case_corrections": {k: dict(v) for k, v in self.case_corrections.items()},
             "geometry": dict(self.geometry),
         }
 
@@ -263,6 +268,16 @@ class DatasetReport:
                 voxels = self.label_voxels.get(name, 0)
                 cases = self.cases_with_label.get(name, 0)
                 lines.append(f"    {value:3d} {name:<24s} {voxels:>12d} voxels in {cases} case(s)")
+        if self.case_corrections:
+            lines.append("  corrections (voxels the user changed after the model; what a fine-tune learns from):")
+            for case_id, record in self.case_corrections.items():
+                changed = record.get("changed_voxels")
+                if changed is None:
+                    lines.append(f"    {case_id:<12s} {'-':>12s}  not recorded (added without a model's first mask)")
+                else:
+                    source = record.get("source_model")
+                    origin = f" of {source}'s mask" if source else ""
+                    lines.append(f"    {case_id:<12s} {changed:>12d}  voxels corrected{origin}")
         geometry = self.geometry
         if geometry.get("sizes_xyz"):
             lines.append(
@@ -877,6 +892,12 @@ def check_dataset(dataset_dir: str | os.PathLike[str]) -> DatasetReport:
     for case in cases:
         referenced.update(case.images)
         referenced.add(case.label)
+        source = case.source_model if isinstance(case.source_model, dict) else None
+        report.case_corrections[case.id] = {
+            "changed_voxels": case.changed_voxels,
+            "source_model": " ".join(str(source[k]) for k in ("id", "version") if source.get(k)) or None
+            if source else None,
+        }
         volumes: list[tuple[str, Volume]] = []
         case_ok = True
         for name, path in zip(channels, case.images):

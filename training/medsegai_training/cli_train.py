@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Any, Callable, TextIO
 from MedSegAILib.cli import number_type
 from MedSegAILib.errors import CancelledError, MedSegAIInputError
 
-__all__ = ["add_train_command", "run_train", "EpochBarReporter"]
+__all__ = ["add_train_command", "run_train", "EpochBarReporter", "quiet_tensorflow"]
 
 
 _positive_int = number_type(int, 1)
@@ -50,6 +51,22 @@ class EpochBarReporter:
             if not self._open_line:
                 self.stream.write("\n")
         self.stream.flush()
+
+
+def quiet_tensorflow(debug: bool = False) -> None:
+    """Keep TensorFlow's C++/absl start-up lines (oneDNN, cpu_feature_guard, absl::InitializeLog) and
+    its Python INFO/WARNING logs off the terminal and the Slicer panel's log, unless ``debug``.
+
+    Must run before TensorFlow is imported (it sets ``TF_CPP_MIN_LOG_LEVEL``); a value the user set
+    is kept.
+    """
+    if debug:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import logging
+
+    for name in ("tensorflow", "absl", "tf2onnx", "h5py"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _reporter(kind: str | None) -> Callable[[str, int, int, str], None] | None:
@@ -92,8 +109,13 @@ def add_train_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--strategy", choices=("auto", "mirrored", "multiworker"), default="auto",
                         help="tf.distribute strategy (multiworker reads TF_CONFIG)")
     parser.add_argument("--resume", action="store_true", help="continue the unfinished run in MODEL_FOLDER")
-    parser.add_argument("--freeze-encoder", action="store_true", default=None,
-                        help="with --init: keep the parent's encoder weights fixed")
+    parser.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --init: keep the parent's encoder weights fixed (default: train the whole network)")
+    parser.add_argument("--no-onnx", action="store_true",
+                        help="write model.keras only (no model.onnx); --backend auto then uses TensorFlow")
+    parser.add_argument("--plan", action="store_true",
+                        help="with --init: print the fine-tuning plan (steps, learning rate, early stopping, "
+                             "estimated time) as JSON on stdout and exit without training")
     parser.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                         help="progress display (default: bar on a terminal)")
     parser.set_defaults(func=run_train)
@@ -117,13 +139,25 @@ def run_train(args: argparse.Namespace) -> int:
         raise MedSegAIInputError(f"--fold {args.fold} does not exist with --folds {args.folds}; use 0..{args.folds - 1}.")
     if args.freeze_encoder and not args.init:
         raise MedSegAIInputError("--freeze-encoder needs --init (the model whose encoder to keep).")
+    if args.plan and not args.init:
+        raise MedSegAIInputError("--plan needs --init (it shows how that model would be fine-tuned).")
     if not (Path(args.dataset) / "dataset.json").is_file():
         raise MedSegAIInputError(
             f"{args.dataset} is not a MedSegAI dataset folder (no dataset.json); create one with "
             "`medsegai dataset add` or `medsegai dataset import-nnunet`."
         )
 
-    from .trainer import resolve_config, train
+    if args.plan:
+        from .finetune import fine_tune_plan
+        from .trainer import parent_card
+
+        plan = fine_tune_plan(args.dataset, parent_card(args.init), max_steps=args.max_steps,
+                              freeze_encoder=args.freeze_encoder)
+        print(json.dumps({**plan.to_dict(), "summary": plan.describe()}))
+        return 0
+
+    quiet_tensorflow(debug=bool(getattr(args, "debug", False)))
+    from .trainer import ExportError, resolve_config, train
 
     overrides = {"epochs": args.epochs, "max_steps": args.max_steps, "folds": args.folds,
                  "fold": (0 if args.folds is not None and args.fold is None else args.fold)}
@@ -134,7 +168,8 @@ def run_train(args: argparse.Namespace) -> int:
             from .trainer import parent_card
 
             parent = parent_card(args.init)
-        config = resolve_config(args.config, parent=parent, **overrides)
+        config = resolve_config(args.config, parent=parent, dataset=args.dataset,
+                                freeze_encoder=args.freeze_encoder, **overrides)
 
     cancelled = {"flag": False}
 
@@ -153,7 +188,11 @@ def run_train(args: argparse.Namespace) -> int:
             strategy=args.strategy,
             freeze_encoder=args.freeze_encoder,
             should_cancel=lambda: cancelled["flag"],
+            onnx=not args.no_onnx,
         )
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)  # the run is kept; the message says how to finish it
+        return 1
     except CancelledError as e:
         print(f"error: {e}", file=sys.stderr)  # says whether --resume can continue the run
         return 130
@@ -161,6 +200,9 @@ def run_train(args: argparse.Namespace) -> int:
         for signum, old in previous.items():
             signal.signal(signum, old)
     card = json.loads((output / "model.json").read_text(encoding="utf-8")) if (output / "model.json").is_file() else {}
+    skipped = (card.get("provenance") or {}).get("onnx_skipped")
+    if skipped:
+        print(f"warning: no model.onnx: {skipped}", file=sys.stderr)
     validation = card.get("metrics", {}).get("validation", {})
     mean = validation.get("mean_dice")
     summary = f"wrote model folder {output}"

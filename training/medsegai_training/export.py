@@ -6,9 +6,12 @@ is written last. Both weight files are checked before anything is published:
 
 * ``model.keras`` is reloaded with ``safe_mode=True`` and must reproduce the model's output;
 * ``model.onnx`` (tf2onnx, opset :data:`ONNX_OPSET`, dynamic batch and spatial axes, input
-  ``image``, output ``probabilities``) must agree with Keras on a real batch within
-  :data:`ONNX_TOLERANCE` (max absolute difference of the probabilities); the measured difference is
-  recorded in ``card["provenance"]["onnx_max_abs_diff"]``.
+  ``image``, output ``probabilities``) must agree with Keras on a real batch in what decides the
+  result: the probabilities within :data:`ONNX_TOLERANCE` (max absolute difference) and the labels
+  (argmax) on at least :data:`ONNX_LABEL_AGREEMENT` of the voxels; both figures are recorded in
+  ``card["provenance"]`` (``onnx_max_abs_diff``, ``onnx_label_agreement``). When they do not
+  agree, the folder is written without ``model.onnx`` (``--backend auto`` then uses TensorFlow)
+  unless ``onnx="require"``, and ``card["provenance"]["onnx_skipped"]`` says why.
 
 Exported models are always float32: a model trained under a ``mixed_float16`` policy is rebuilt in
 float32 with the same weights before saving (CPU inference and ONNX need float32).
@@ -35,8 +38,10 @@ __all__ = [
     "KERAS_FILE",
     "MODEL_JSON",
     "ONNX_FILE",
+    "ONNX_LABEL_AGREEMENT",
     "ONNX_OPSET",
     "ONNX_TOLERANCE",
+    "onnx_agreement",
     "export_model_folder",
     "export_onnx",
     "load_keras_model",
@@ -48,7 +53,15 @@ KERAS_FILE = "model.keras"
 ONNX_FILE = "model.onnx"
 MODEL_JSON = "model.json"
 ONNX_OPSET = 17
-ONNX_TOLERANCE = 1e-4
+# What the ONNX graph must reproduce (measured with benchmarks/bench_onnx_agreement.py, see
+# benchmarks/RESULTS.md "ONNX export check"): float32 graphs of the same network differ in the
+# operations' summation order; on every window the engine makes for the five brain studies the
+# shipped mr-brain-tumor 1.2.0 differs by up to 7.0e-3 in a probability (99.99th percentile 1.4e-3,
+# instance normalisation over near-constant background) while not one of its 6.2 million voxel
+# labels changes. The check therefore bounds the probabilities at 1e-2 and asks for the same label
+# on 99.99% of the sample voxels; a converter that really gets an operation wrong fails both.
+ONNX_TOLERANCE = 1e-2
+ONNX_LABEL_AGREEMENT = 0.9999
 _KERAS_RELOAD_TOLERANCE = 1e-5
 _MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
 
@@ -366,6 +379,23 @@ def _onnx_predict(path: Path, batch: np.ndarray) -> np.ndarray:
     return np.asarray(session.run(None, {session.get_inputs()[0].name: batch})[0], dtype=np.float32)
 
 
+def onnx_agreement(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """How far two probability arrays ``(N, *spatial, K)`` (channels-last) are apart.
+
+    Returns:
+        ``(max |difference|, share of voxels whose argmax label is the same)``.
+    """
+    reference = np.asarray(reference, dtype=np.float32)
+    candidate = np.asarray(candidate, dtype=np.float32)
+    if reference.shape != candidate.shape or reference.ndim < 2:
+        raise ValueError(f"probability arrays must have one shape (N, ..., K), got {reference.shape} and {candidate.shape}")
+    if not np.all(np.isfinite(candidate)):
+        return float("inf"), float(np.mean(np.argmax(reference, -1) == np.argmax(np.nan_to_num(candidate), -1)))
+    diff = float(np.max(np.abs(candidate - reference)))
+    same = float(np.mean(np.argmax(reference, axis=-1) == np.argmax(candidate, axis=-1)))
+    return diff, same
+
+
 def _validate_card(card: Mapping[str, Any]) -> list[str]:
     from MedSegAILib.modelcard import validate_model_dict
 
@@ -438,7 +468,7 @@ def export_model_folder(
     card: dict[str, Any],
     out_dir: str | os.PathLike[str],
     sample_batch: np.ndarray,
-    onnx: bool = True,
+    onnx: bool | str = True,
     extra_files: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` and its card as a new model folder ``out_dir``.
@@ -446,8 +476,9 @@ def export_model_folder(
     Writes ``model.keras`` (float32, uncompiled), ``model.onnx`` when ``onnx`` is true, any
     ``extra_files`` (e.g. ``NOTICE``, ``history.csv``) and, last, ``model.json``, into a temporary
     sibling folder renamed to ``out_dir`` at the end. ``card`` is completed in place on success:
-    ``card["files"]`` and ``card["provenance"]`` (``onnx_max_abs_diff``, ``keras_max_abs_diff``,
-    ``onnx_opset``, ``exported`` UTC time, package ``versions``).
+    ``card["files"]`` and ``card["provenance"]`` (``onnx_max_abs_diff``, ``onnx_label_agreement``,
+    ``keras_max_abs_diff``, ``onnx_opset``, ``exported`` UTC time, package ``versions``; and
+    ``onnx_skipped`` — why there is no ``model.onnx`` — when the ONNX graph did not agree).
 
     Args:
         model: trained ``keras.Model`` with one channels-last input; its output must be softmax
@@ -456,7 +487,10 @@ def export_model_folder(
         out_dir: the model folder to create; must not exist.
         sample_batch: a *real* input batch, float, channels-last ``(N, y, x, C)`` or
             ``(N, z, y, x, C)``, spatial sizes divisible by the network's ``2**depth``.
-        onnx: also write and check ``model.onnx``.
+        onnx: ``True``: also write ``model.onnx`` when it agrees with Keras (max |Δp| ≤
+            :data:`ONNX_TOLERANCE`, labels identical on ≥ :data:`ONNX_LABEL_AGREEMENT` of the
+            sample voxels), else write the folder with ``model.keras`` only and record why in
+            ``provenance.onnx_skipped``; ``"require"``: raise instead; ``False``: no ONNX.
         extra_files: file name -> ``bytes``/``str`` content or a ``Path`` (file or folder) to copy.
 
     Returns:
@@ -465,7 +499,8 @@ def export_model_folder(
     Raises:
         MedSegAIInputError: ``out_dir`` already exists.
         ModelFolderError: the completed card does not validate against ``model.schema.json``.
-        RuntimeError: the reloaded Keras file or the ONNX graph does not reproduce the model.
+        RuntimeError: the reloaded Keras file does not reproduce the model, or (``onnx="require"``)
+            the ONNX graph does not.
         TypeError/ValueError: bad arguments.
     """
     import keras
@@ -474,8 +509,8 @@ def export_model_folder(
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
     if not isinstance(card, dict):
         raise TypeError(f"card must be a dict (the model.json content), got {type(card).__name__}")
-    if not isinstance(onnx, bool):
-        raise TypeError(f"onnx must be a bool, got {onnx!r}")
+    if not (isinstance(onnx, bool) or onnx == "require"):
+        raise TypeError(f"onnx must be True, False or 'require', got {onnx!r}")
     if extra_files is not None and not isinstance(extra_files, Mapping):
         raise TypeError(f"extra_files must be a mapping or None, got {type(extra_files).__name__}")
     batch = _check_sample_batch(model, sample_batch)
@@ -513,15 +548,23 @@ def export_model_folder(
         provenance["keras_max_abs_diff"] = keras_diff
         if onnx:
             simplified = export_onnx(export, tmp / ONNX_FILE)
-            onnx_diff = float(np.max(np.abs(_onnx_predict(tmp / ONNX_FILE, batch) - reference)))
-            if not onnx_diff <= ONNX_TOLERANCE:
-                raise RuntimeError(
-                    f"ONNX and Keras outputs differ by {onnx_diff:.3g} (> {ONNX_TOLERANCE}) on the sample batch; "
-                    "the model uses an operation tf2onnx does not convert faithfully; export with onnx=False"
+            onnx_diff, onnx_same = onnx_agreement(reference, _onnx_predict(tmp / ONNX_FILE, batch))
+            provenance["onnx_max_abs_diff"] = onnx_diff if np.isfinite(onnx_diff) else None
+            provenance["onnx_label_agreement"] = onnx_same
+            if not (onnx_diff <= ONNX_TOLERANCE and onnx_same >= ONNX_LABEL_AGREEMENT):
+                reason = (
+                    f"ONNX and Keras disagree on the sample batch (max probability difference {onnx_diff:.3g}, "
+                    f"limit {ONNX_TOLERANCE:g}; same label on {100 * onnx_same:.3f}% of the voxels, "
+                    f"limit {100 * ONNX_LABEL_AGREEMENT:g}%)"
                 )
-            provenance["onnx_max_abs_diff"] = onnx_diff
-            provenance["onnx_opset"] = ONNX_OPSET
-            provenance["onnx_simplified"] = len(simplified)
+                if onnx == "require":
+                    raise RuntimeError(reason + "; export without ONNX (medsegai train --no-onnx)")
+                (tmp / ONNX_FILE).unlink()
+                new_card["files"] = {"keras": KERAS_FILE}
+                provenance["onnx_skipped"] = reason + "; only model.keras was written (the TensorFlow backend runs it)"
+            else:
+                provenance["onnx_opset"] = ONNX_OPSET
+                provenance["onnx_simplified"] = len(simplified)
         provenance["exported"] = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
         provenance["versions"] = _versions()
         new_card["provenance"] = provenance

@@ -35,12 +35,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from MedSegAILib.errors import CancelledError, MedSegAIInputError, ModelFolderError
+from MedSegAILib.errors import CancelledError, MedSegAIError, MedSegAIInputError, ModelFolderError
 from MedSegAILib.imageio import atomic_output
 
 from .config import TrainConfig, config_from_dict, load_config
 
-__all__ = ["train", "resolve_config", "finetune_defaults", "parent_card", "make_strategy", "RUN_FILE", "TRAINING_DIR"]
+__all__ = ["train", "ExportError", "resolve_config", "finetune_defaults", "parent_card", "make_strategy", "RUN_FILE", "TRAINING_DIR"]
 
 TRAINING_DIR = "training"
 RUN_FILE = "run.json"
@@ -49,6 +49,10 @@ BEST_FILE = "best.keras"
 FINAL_WEIGHTS = "final.weights.h5"
 
 ProgressCallback = Callable[[str, int, int, str], None]
+
+
+class ExportError(MedSegAIError):
+    """Training finished but the model folder could not be written; the run can be resumed."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,12 +172,16 @@ def finetune_defaults(parent: Any) -> dict[str, Any]:
 def resolve_config(
     config: TrainConfig | dict[str, Any] | str | os.PathLike[str] | None,
     parent: Any = None,
+    dataset: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> TrainConfig:
     """Turn a recipe (object, dict, file or None) into a validated :class:`TrainConfig`.
 
     With a ``parent`` model card (``--init``), keys the recipe does not set come from
-    :func:`finetune_defaults`. ``overrides`` (e.g. ``epochs=3``; None ignored) win over both.
+    :func:`finetune_defaults` and, with ``dataset`` too, the schedule of
+    :func:`medsegai_training.finetune.fine_tune_plan` (steps scaled to the dataset, learning
+    rate, early stopping, the parent's training window). ``overrides`` (e.g. ``epochs=3``; None
+    ignored) win over both.
     A :class:`TrainConfig` made by :func:`config_from_dict`/:func:`load_config` remembers which
     keys its recipe set; one constructed directly counts as setting every key.
     """
@@ -194,6 +202,13 @@ def resolve_config(
         explicit = set(loaded.explicit_keys)
     if parent is not None:
         merged = finetune_defaults(parent)
+        if dataset is not None:
+            from .finetune import fine_tune_plan
+
+            plan = fine_tune_plan(dataset, parent, max_steps=overrides.get("max_steps"),
+                                  freeze_encoder=overrides.get("freeze_encoder"))
+            merged.update(plan.config())
+            merged["spatial"] = dict(merged["spatial"], patch_size=list(plan.patch_size))
         merged.update({k: v for k, v in data.items() if k in explicit})
         data = merged
     data.update({k: v for k, v in overrides.items() if v is not None})
@@ -399,6 +414,7 @@ def _callbacks_module() -> Any:
             self.progress, self.should_cancel = progress, should_cancel
             self.cancelled = False
             self._epoch_start = time.monotonic()
+            self._epoch_seconds: list[float] = []
 
         def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
             self._epoch_start = time.monotonic()
@@ -435,9 +451,12 @@ def _callbacks_module() -> Any:
             if self.progress is not None:
                 loss = logs.get("loss", float("nan"))
                 seconds = time.monotonic() - self._epoch_start
+                self._epoch_seconds.append(seconds)
+                left = (self.epochs - epoch - 1) * float(np.median(self._epoch_seconds))
                 self.progress(
                     "train", epoch + 1, self.epochs,
-                    f"loss {loss:.4f} val dice {val:.4f} (best {state['best_dice']:.4f} @ {state['best_epoch']}) {seconds:.0f} s",
+                    f"loss {loss:.4f} val dice {val:.4f} (best {state['best_dice']:.4f} @ {state['best_epoch']}) "
+                    f"{seconds:.0f} s, about {left:.0f} s left",
                 )
             if self.should_cancel is not None and self.should_cancel():
                 self.cancelled = True
@@ -602,6 +621,7 @@ def train(
     strategy: str = "auto",
     freeze_encoder: bool | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    onnx: bool | str = True,
 ) -> Path:
     """Train a segmentation model on a dataset folder and write a model folder.
 
@@ -618,6 +638,9 @@ def train(
         freeze_encoder: with ``init``, keep the encoder (``enc_*`` layers) fixed; None = config.
         should_cancel: polled after every batch; True stops after the batch and raises
             :class:`CancelledError` (the run stays resumable).
+        onnx: ``True`` writes ``model.onnx`` when it agrees with Keras (else the folder holds
+            ``model.keras`` only and ``model.json`` says why), ``False`` never, ``"require"``
+            fails instead (see :func:`medsegai_training.export.export_model_folder`).
 
     Returns:
         ``output_dir`` as an absolute ``Path``; it holds ``model.keras``, ``model.onnx``,
@@ -626,6 +649,11 @@ def train(
     Raises:
         MedSegAIInputError: existing output folder, bad dataset (before any training), bad config.
         CancelledError: ``should_cancel`` asked to stop.
+        ExportError: training finished but writing the model folder failed; the run is kept and
+            ``resume=True`` writes the folder without training again.
+
+    With ``init`` and no explicit setting in ``config``, the schedule (steps, learning rate,
+    early stopping, encoder freezing) comes from :func:`medsegai_training.finetune.fine_tune_plan`.
     """
     from MedSegAILib.dataset import check_dataset, load_dataset
 
@@ -651,7 +679,7 @@ def train(
             parent_for_config = parent
     else:
         parent_for_config = parent
-    cfg = resolve_config(config, parent=parent_for_config, freeze_encoder=freeze_encoder)
+    cfg = resolve_config(config, parent=parent_for_config, dataset=dataset_path, freeze_encoder=freeze_encoder)
 
     exists = output.exists() or output.is_symlink()
     if exists and not resume:
@@ -696,7 +724,7 @@ def train(
     try:
         return _prepare_and_run(
             cfg, info, plan, split, run, record, identity, init_text, resuming, parent, strategy,
-            progress, should_cancel, workers, model_cfg, divisible,
+            progress, should_cancel, workers, model_cfg, divisible, onnx,
         )
     except BaseException:
         if created and not run.state.get("epochs_done"):
@@ -743,6 +771,7 @@ def _prepare_and_run(
     workers: int,
     model_cfg: dict[str, Any],
     divisible: int,
+    onnx: bool | str = True,
 ) -> Path:
     """Write run.json, fit normalisation, load the cases, then train and export."""
     from .data import fit_normalization, load_cases
@@ -793,7 +822,7 @@ def _prepare_and_run(
 
     return _fit_and_export(
         cfg, info, plan, split, train_cases, validation_cases, run, parent, strategy, progress,
-        should_cancel, workers, cache_dir if not cfg.cache_dir else None, model_cfg, divisible,
+        should_cancel, workers, cache_dir if not cfg.cache_dir else None, model_cfg, divisible, onnx,
     )
 
 
@@ -813,6 +842,7 @@ def _fit_and_export(
     own_cache: Path | None,
     model_cfg: dict[str, Any],
     divisible: int,
+    onnx: bool | str = True,
 ) -> Path:
     import keras
 
@@ -942,7 +972,15 @@ def _fit_and_export(
     sample_batch = np.stack([sample_sampler.window(i)[0] for i in range(2)])
     card = _model_card(cfg, info, plan, split, run, parent, model_cfg, divisible, time.monotonic() - started)
     extra = {"NOTICE": cfg.notice} if cfg.notice else None
-    _export_into(final_model, card, run.output_dir, sample_batch, extra)
+    try:
+        _export_into(final_model, card, run.output_dir, sample_batch, extra, onnx)
+    except Exception as e:
+        kept = best_path if best_path.is_file() else run.training_dir
+        raise ExportError(
+            f"training finished ({state.get('epochs_done')} epochs) but writing the model folder failed "
+            f"({type(e).__name__}: {e}); the trained weights are kept in {kept}. Run the same command with "
+            f"--resume to write the model folder without training again."
+        ) from e
 
     _finish(run, own_cache)
     if progress is not None:
@@ -1021,6 +1059,11 @@ def _model_card(
     }
     if cfg.spatial["mode"] == "2d":
         spatial["axis"] = cfg.spatial.get("axis", "axial")
+    parent_patch = list(parent.raw["spatial"]["patch_size"]) if parent is not None else None
+    training_patch = list(spatial["patch_size"])
+    if parent_patch and parent_patch != training_patch and len(parent_patch) == len(training_patch) and not any(
+            p % divisible for p in parent_patch):
+        spatial["patch_size"] = parent_patch  # fully convolutional: keep the parent's (larger) inference window
     names = [label["name"] for label in plan.labels]
     per_label = state.get("best_per_label") or [None] * len(names)
     postprocessing = dict(cfg.postprocessing)
@@ -1067,6 +1110,7 @@ def _model_card(
             "best_epoch": state.get("best_epoch"),
             "stopped_early": bool(state.get("stopped_early", False)),
             "steps_per_epoch": cfg.plan()[1],
+            "training_patch_size": training_patch,
             "batch_size": cfg.batch_size,
             "runtime": run.record.get("runtime", {}),
             "duration_s": round(seconds, 1),
@@ -1081,14 +1125,15 @@ def _model_card(
     return card
 
 
-def _export_into(model: Any, card: dict[str, Any], output: Path, sample_batch: np.ndarray, extra: Any) -> None:
+def _export_into(model: Any, card: dict[str, Any], output: Path, sample_batch: np.ndarray, extra: Any,
+                 onnx: bool | str = True) -> None:
     """Export into a hidden sibling folder, then move the files into ``output`` (model.json last)."""
     from .export import MODEL_JSON, export_model_folder
 
     staging = output.parent / f".{output.name}.export-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
-    export_model_folder(model, card, staging, sample_batch, extra_files=extra)
+    export_model_folder(model, card, staging, sample_batch, onnx=onnx, extra_files=extra)
     try:
         names = sorted(p.name for p in staging.iterdir() if p.name != MODEL_JSON)
         for name in names:
