@@ -598,7 +598,7 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.ui.fineTuneStatusLabel.text = "Fine-tuning failed; no model was added."
         with slicer.util.tryWithErrorDisplay("Fine-tuning failed.", waitCursor=True):
-            card = self.logic.finishFineTune(run)
+            card = self.logic.finishFineTune(run, self._parameterNode)
             self.populateModels()
             self.selectModelInComboBox(str(card.folder))
             self.ui.fineTuneStatusLabel.text = f"New model {card.name} {card.version} is installed and selected."
@@ -785,18 +785,22 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
         return caseId, slicer_logic.dataset_case_changed_voxels(datasetFolder, caseId)
 
     def fineTuneQuestion(self, parameterNode: MedSegAIParameterNode) -> str:
-        """The confirmation shown before fine-tuning starts."""
-        count = self.datasetCaseCount(parameterNode.datasetFolder)
-        return (f"Train a new version of the selected model on the {count} case(s) of the dataset folder? "
-                "This runs in the background; the current model stays installed.")
+        """The confirmation shown before fine-tuning starts, with the plan and its time estimate."""
+        plan = slicer_logic.fine_tune_plan(parameterNode.datasetFolder.strip(), parameterNode.modelId)
+        minutes = max(1, round(plan.estimated_seconds / 60))
+        return (f"Train a new version of the selected model on the dataset folder?\n\n{plan.describe()[:1].upper()}"
+                f"{plan.describe()[1:]}.\n\nThis runs in the background (about {minutes} min); the current model "
+                "stays installed and the new version is selected when it is done.")
 
     def startFineTune(self, parameterNode: MedSegAIParameterNode) -> slicer_logic.FineTuneRun:
         return slicer_logic.start_fine_tune(parameterNode.datasetFolder.strip(), parameterNode.modelId,
                                             python_executable=parameterNode.enginePython.strip() or None)
 
-    def finishFineTune(self, run: slicer_logic.FineTuneRun):
+    def finishFineTune(self, run: slicer_logic.FineTuneRun, parameterNode: MedSegAIParameterNode):
+        """Register the new version and select it; returns its card."""
         card = run.finish()
         self._cards.clear()
+        parameterNode.modelId = str(card.folder)
         return card
 
 

@@ -16,6 +16,7 @@ see :mod:`MedSegAILib.process_tree`); a background thread kills what is left aft
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import queue
 import shutil
@@ -42,6 +43,7 @@ __all__ = [
     "check_python_executable",
     "default_python_executable",
     "engine_environment",
+    "import_training_module",
     "module_folder",
     "running_in_slicer",
     "same_python",
@@ -104,6 +106,19 @@ def _python_path_entries() -> list[str]:
     if (training / "medsegai_training").is_dir():
         entries.append(str(training))
     return entries
+
+
+def import_training_module(name: str) -> Any:
+    """Import a module of the training package in this process (the panel's TF-free fine-tuning plan).
+
+    An installed extension ships ``medsegai_training`` beside ``MedSegAILib``; a clone added to
+    Slicer's module paths has it in ``training/``, which is then put on ``sys.path``.
+    """
+    if importlib.util.find_spec("medsegai_training") is None:
+        for entry in _python_path_entries():
+            if entry not in sys.path:
+                sys.path.append(entry)
+    return importlib.import_module(name)
 
 
 def same_python(first: str, second: str) -> bool:

@@ -41,6 +41,7 @@ from .engine_process import (
     ProgressEvent,
     check_python_executable,
     engine_environment,
+    import_training_module,
 )
 from .errors import MedSegAIInputError, ModelFolderError
 from .image import Volume
@@ -59,6 +60,7 @@ __all__ = [
     "dataset_case_count",
     "dataset_case_changed_voxels",
     "start_fine_tune",
+    "fine_tune_plan",
 ]
 
 # Segmentation node attribute recording which model produced the first mask (JSON).
@@ -577,6 +579,23 @@ class FineTuneRun(EngineProcess):
             return install_model_folder(self.output_dir, self.store_dir)
         finally:
             self.cleanup()
+
+
+def fine_tune_plan(dataset_dir: str | os.PathLike[str], model: Any) -> Any:
+    """What Fine-tune will do on ``dataset_dir`` from ``model`` and how long it should take (no TensorFlow).
+
+    The same :class:`medsegai_training.finetune.FineTunePlan` the engine's ``train --init`` applies;
+    the panel shows ``plan.describe()`` before it starts.
+
+    Raises:
+        MedSegAIInputError: no dataset folder, or one without cases; invalid model.
+    """
+    if not dataset_dir or not (Path(dataset_dir).expanduser() / "dataset.json").is_file():
+        raise MedSegAIInputError(
+            f"{dataset_dir or 'No folder'} is not a MedSegAI dataset (no dataset.json); export corrected cases to it first."
+        )
+    card = resolve_model(model)
+    return import_training_module("medsegai_training.finetune").fine_tune_plan(Path(dataset_dir).expanduser(), card)
 
 
 def start_fine_tune(dataset_dir: str | os.PathLike[str], model: Any, store_dir: str | os.PathLike[str] | None = None,
