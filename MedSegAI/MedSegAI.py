@@ -186,6 +186,7 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
         self.ui.editInSegmentEditorButton.connect("clicked(bool)", self.onEditInSegmentEditor)
+        self.ui.caseReportButton.connect("clicked(bool)", self.onCaseReport)
         self.ui.enginePythonBrowseButton.connect("clicked(bool)", self.onBrowseEnginePython)
         self.ui.checkDependenciesButton.connect("clicked(bool)", self.onCheckDependencies)
         self.ui.datasetFolderBrowseButton.connect("clicked(bool)", self.onBrowseDatasetFolder)
@@ -359,6 +360,7 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          or (hasInput and not fineTuning and not installing))
         hasSegmentation = self._parameterNode.outputSegmentation is not None
         self.ui.editInSegmentEditorButton.enabled = hasSegmentation and not segmenting
+        self.ui.caseReportButton.enabled = hasSegmentation and not segmenting
         hasFolder = bool(self._parameterNode.datasetFolder.strip())
         self.ui.exportCorrectedLabelsButton.enabled = hasSegmentation and hasFolder and not segmenting
         self.ui.fineTuneButton.text = "Cancel fine-tuning" if fineTuning or installingFor == "fine-tune" else "Fine-tune"
@@ -456,6 +458,15 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onEditInSegmentEditor(self) -> None:
         with slicer.util.tryWithErrorDisplay("Segment Editor could not be opened."):
             self.logic.openInSegmentEditor(self._parameterNode.outputSegmentation, self._parameterNode.inputVolume1)
+
+    def onCaseReport(self) -> None:
+        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Save the case report", "case-report.pdf",
+                                              "PDF (*.pdf)")
+        if not path:
+            return
+        with slicer.util.tryWithErrorDisplay("The case report could not be written.", waitCursor=True):
+            written = self.logic.writeCaseReport(self._parameterNode, path)
+            slicer.util.showStatusMessage(f"Wrote {written}.", 5000)
 
     # -- dependencies ------------------------------------------------------------------------
 
@@ -725,6 +736,14 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
         layoutManager.setLayout(slicer.modules.tables.logic().GetLayoutWithTable(layoutManager.layout))
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.table_node.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
+
+    def writeCaseReport(self, parameterNode: MedSegAIParameterNode, path: str):
+        """The one-page PDF report of the output segmentation as it is now (no patient identifiers)."""
+        segmentationNode = parameterNode.outputSegmentation
+        sourceModel = json.loads(segmentationNode.GetAttribute(slicer_logic.SOURCE_MODEL_ATTRIBUTE) or "{}") if segmentationNode else {}
+        model = sourceModel.get("folder") if sourceModel.get("folder") and os.path.isdir(sourceModel["folder"]) else parameterNode.modelId
+        # The file dialog already asked before replacing an existing file.
+        return slicer_logic.write_case_report(path, segmentationNode, self.inputVolumeNodes(parameterNode), model, overwrite=True)
 
     def openInSegmentEditor(self, segmentationNode, sourceVolumeNode) -> None:
         if segmentationNode is None:

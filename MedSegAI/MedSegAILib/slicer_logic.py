@@ -61,6 +61,7 @@ __all__ = [
     "dataset_case_changed_voxels",
     "start_fine_tune",
     "fine_tune_plan",
+    "write_case_report",
 ]
 
 # Segmentation node attribute recording which model produced the first mask (JSON).
@@ -376,6 +377,36 @@ def run_segmentation_blocking(volume_nodes: Sequence[Any], model: Any, output_se
         run.cancel()
         raise
     return run.finish()
+
+
+def write_case_report(path: str | os.PathLike[str], segmentation_node: Any, volume_nodes: Sequence[Any], model: Any,
+                      overwrite: bool = False) -> Path:
+    """The one-page PDF case report of the segmentation as it is now (corrections included).
+
+    The labels are read back from the segmentation node (segments named like the model's labels,
+    on the first volume's grid) and measured again; no patient name, id or birth date is printed.
+    Written in this process with numpy and Pillow only (:mod:`MedSegAILib.report`).
+
+    Raises:
+        MedSegAIInputError: no segmentation or volume, wrong channel count, bad path.
+    """
+    from .measurements import compute_measurements
+    from .report import check_report_path, write_case_report as write_report
+
+    if segmentation_node is None:
+        raise MedSegAIInputError("No segmentation is selected; run Segment first.")
+    card = resolve_model(model)
+    nodes = [node for node in (volume_nodes or []) if node is not None][: len(card.channels)]
+    if len(nodes) != len(card.channels):
+        raise MedSegAIInputError(
+            f"The report needs the {len(card.channels)} input volume(s) of {card.name} ({', '.join(card.channel_names)}); "
+            "select them."
+        )
+    report_path = check_report_path(path, overwrite)
+    images = [mrml.volume_from_node(node, name, copy=False) for node, name in zip(nodes, card.channel_names)]
+    labels = mrml.labels_from_segmentation_node(segmentation_node, nodes[0], card)
+    rows = compute_measurements(labels, card)
+    return Path(write_report(report_path, images[0], labels, card, inputs=images, measurements=rows, overwrite=overwrite))
 
 
 # --------------------------------------------------------------------------------------------

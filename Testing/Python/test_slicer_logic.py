@@ -423,3 +423,27 @@ def test_fine_tune_registers_a_new_version(ct: Volume, tmp_path: Path) -> None:
     assert train_events and "dice" in train_events[-1].message.lower()
     fractions = [event.fraction for event in events]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+
+
+def test_case_report_of_the_corrected_segmentation(scene, ct: Volume, analytic_model_dir: Path, tmp_path: Path) -> None:
+    """The panel's report button: the PDF describes the segmentation as edited, without patient data."""
+    pypdf = pytest.importorskip("pypdf")
+    node = mrml.add_volume_node(scene, ct, "CT")
+    result = slicer_logic.run_segmentation_blocking([node], str(analytic_model_dir), options=_cpu_onnx(), timeout=ENGINE_TIMEOUT)
+    edited = np.asarray(result.labels.array).copy()
+    edited[: edited.shape[0] // 2] = 0  # erase the lower half, as with Segment Editor's eraser
+    image = mrml._oriented_image_from_node_geometry(node, edited)  # noqa: SLF001
+    assert slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        image, result.segmentation_node, result.segment_ids[0], slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+    before = scene.GetNumberOfNodes()
+    path = slicer_logic.write_case_report(tmp_path / "case.pdf", result.segmentation_node, [node], str(analytic_model_dir))
+    reader = pypdf.PdfReader(str(path))
+    text = reader.pages[0].extract_text()
+    assert len(reader.pages) == 1 and result.card.name in text
+    edited_ml = np.count_nonzero(edited) * float(np.prod(ct.spacing)) / 1000.0
+    assert f"{edited_ml:.1f}" in text, (edited_ml, text[:2000])
+    assert scene.GetNumberOfNodes() == before
+    with pytest.raises(MedSegAIInputError):
+        slicer_logic.write_case_report(tmp_path / "case.pdf", result.segmentation_node, [node], str(analytic_model_dir))
+    with pytest.raises(MedSegAIInputError, match="No segmentation"):
+        slicer_logic.write_case_report(tmp_path / "other.pdf", None, [node], str(analytic_model_dir))
