@@ -737,13 +737,18 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(result.table_node.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
 
+    def sourceModel(self, parameterNode: MedSegAIParameterNode) -> str:
+        """The folder of the model that made the output segmentation when it is still there, else the selected model."""
+        segmentationNode = parameterNode.outputSegmentation
+        source = json.loads(segmentationNode.GetAttribute(slicer_logic.SOURCE_MODEL_ATTRIBUTE) or "{}") if segmentationNode else {}
+        folder = source.get("folder")
+        return folder if folder and os.path.isdir(folder) else parameterNode.modelId
+
     def writeCaseReport(self, parameterNode: MedSegAIParameterNode, path: str):
         """The one-page PDF report of the output segmentation as it is now (no patient identifiers)."""
-        segmentationNode = parameterNode.outputSegmentation
-        sourceModel = json.loads(segmentationNode.GetAttribute(slicer_logic.SOURCE_MODEL_ATTRIBUTE) or "{}") if segmentationNode else {}
-        model = sourceModel.get("folder") if sourceModel.get("folder") and os.path.isdir(sourceModel["folder"]) else parameterNode.modelId
         # The file dialog already asked before replacing an existing file.
-        return slicer_logic.write_case_report(path, segmentationNode, self.inputVolumeNodes(parameterNode), model, overwrite=True)
+        return slicer_logic.write_case_report(path, parameterNode.outputSegmentation, self.inputVolumeNodes(parameterNode),
+                                              self.sourceModel(parameterNode), overwrite=True)
 
     def openInSegmentEditor(self, segmentationNode, sourceVolumeNode) -> None:
         if segmentationNode is None:
@@ -792,9 +797,7 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
     def exportCorrectedLabels(self, parameterNode: MedSegAIParameterNode) -> tuple:
         """Add the current case to the dataset folder; returns (case id, changed voxels or None)."""
         segmentationNode = parameterNode.outputSegmentation
-        sourceModel = json.loads(segmentationNode.GetAttribute(slicer_logic.SOURCE_MODEL_ATTRIBUTE) or "{}") if segmentationNode else {}
-        card = slicer_logic.resolve_model(sourceModel.get("folder") if sourceModel.get("folder") and
-                                          os.path.isdir(sourceModel["folder"]) else parameterNode.modelId)
+        card = slicer_logic.resolve_model(self.sourceModel(parameterNode))
         volumes = self.inputVolumeNodes(parameterNode)[: len(card.channels)]
         original = None
         if self.lastResult is not None and self.lastResult.segmentation_node is segmentationNode:

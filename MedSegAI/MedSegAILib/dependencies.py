@@ -277,7 +277,7 @@ class PipInstallRun(EngineProcess):
             raise RuntimeError("this install was already started")
         if not self.lines:
             raise ValueError("nothing to install")
-        python = check_python_executable(self.python_executable) if self.python_executable else default_python_executable()
+        python = check_python_executable(self.python_executable)
         baseline = baseline_versions(self.python_executable)
         self.versions_before = installed_versions(self.python_executable)
         kept = {name: version for name, version in self.versions_before.items() if name in baseline}

@@ -24,12 +24,12 @@ from typing import Any
 
 from .errors import ModelFolderError
 
-__all__ = ["load_keras_model", "saved_with_keras"]
+__all__ = ["load_keras_model", "register_custom_objects", "saved_with_keras"]
 
 _CUSTOM_OBJECT_MODULES = ("medsegai_training.models", "medsegai_training.losses")
 
 
-def _register_custom_objects() -> None:
+def register_custom_objects() -> None:
     """Import the modules whose ``register_keras_serializable`` classes a model may use, when present."""
     if importlib.util.find_spec("medsegai_training") is None:
         return
@@ -91,7 +91,7 @@ def load_keras_model(path: str | os.PathLike[str]) -> Any:
         file = file / "model.keras"
     if not file.is_file():
         raise ModelFolderError(f"Keras model file {file} does not exist; give a model folder or a .keras file.")
-    _register_custom_objects()
+    register_custom_objects()
     try:
         return keras.saving.load_model(str(file), safe_mode=True, compile=False)
     except Exception as first:  # keras raises ValueError/TypeError/OSError/KeyError for unsafe or broken files

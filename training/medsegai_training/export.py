@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from MedSegAILib.errors import MedSegAIInputError, ModelFolderError
+from MedSegAILib.keras_model import register_custom_objects
 
 __all__ = [
     "KERAS_FILE",
@@ -64,11 +65,6 @@ ONNX_TOLERANCE = 1e-2
 ONNX_LABEL_AGREEMENT = 0.9999
 _KERAS_RELOAD_TOLERANCE = 1e-5
 _MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
-
-
-def _register_custom_objects() -> None:
-    """Import the modules whose ``register_keras_serializable`` classes a model may use."""
-    from medsegai_training import losses, models  # noqa: F401  (registration side effect)
 
 
 def load_keras_model(path: str | os.PathLike[str]) -> Any:
@@ -108,7 +104,7 @@ def to_float32_model(model: Any) -> Any:
 
     if all(layer.dtype_policy.name == "float32" for layer in model.layers):
         return model
-    _register_custom_objects()
+    register_custom_objects()
     config = _replace_policies(keras.saving.serialize_keras_object(model))
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("float32")
@@ -531,7 +527,7 @@ def export_model_folder(
     if k_model != k_card:
         raise ValueError(f"model predicts {k_model} classes but the card's labels need {k_card} (background + labels)")
 
-    _register_custom_objects()
+    register_custom_objects()
     export = to_float32_model(model)
     reference = _keras_predict(export, batch)
 
