@@ -32,7 +32,7 @@ from slicer.parameterNodeWrapper import Choice, GuiConnector, WithinRange, param
 from slicer.util import VTKObservationMixin
 
 from MedSegAILib import dependencies, model_store, mrml, slicer_logic
-from MedSegAILib.backends import BACKENDS
+from MedSegAILib.backends import BACKENDS, DEVICES
 from MedSegAILib.errors import MedSegAIInputError
 
 MAXIMUM_CHANNELS = 4
@@ -95,7 +95,7 @@ class MedSegAIParameterNode:
     inputVolume3: slicer.vtkMRMLScalarVolumeNode
     inputVolume4: slicer.vtkMRMLScalarVolumeNode
     outputSegmentation: slicer.vtkMRMLSegmentationNode
-    device: Annotated[str, Choice(["auto", "cpu", "gpu"])] = "auto"
+    device: Annotated[str, Choice(list(DEVICES))] = "auto"
     backend: Annotated[str, Choice(list(BACKENDS))] = "auto"
     overlap: Annotated[float, WithinRange(0.0, 0.9)] = 0.5
     testTimeAugmentation: bool = False

@@ -13,22 +13,21 @@ import os
 import signal
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from . import __version__
-from .backends import BACKENDS
+from .backends import BACKENDS, DEVICES
+from .argtypes import number_type
 from .errors import CancelledError, MedSegAIInputError
+from .protocol import EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, encode_error
 
 __all__ = ["main", "build_parser"]
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports usage errors as one ``error:`` line and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
+        self.exit(EXIT_USAGE, encode_error(f"{message} (see `{self.prog} --help`)") + "\n")
 
 
 class _CancelFlag:
@@ -46,23 +45,6 @@ class _CancelFlag:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, handler)
-
-
-def number_type(convert: Callable[[str], float], minimum: float, below: float | None = None) -> Callable[[str], Any]:
-    """An argparse ``type=`` that parses with ``convert`` and checks ``minimum <= value (< below)``."""
-    kind = "a whole number" if convert is int else "a number"
-    bound = f"in [{minimum:g}, {below:g})" if below is not None else f"≥ {minimum:g}"
-
-    def parse(text: str) -> Any:
-        try:
-            value = convert(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, not {text!r}") from e
-        if value < minimum or (below is not None and value >= below):
-            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, not {value}")
-        return value
-
-    return parse
 
 
 _overlap = number_type(float, 0, below=1)
@@ -103,7 +85,7 @@ def _add_segment_command(subparsers: Any) -> None:
                      help="DICOMweb service root: retrieve the study's series, segment, store the DICOM SEG back")
     web.add_argument("--study", default=None, metavar="UID", help="StudyInstanceUID to segment (with --dicomweb)")
     web.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's TLS certificate")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
@@ -218,7 +200,7 @@ def _add_watch_command(subparsers: Any) -> None:
     parser.add_argument("--max-studies", type=_positive_int, default=None, metavar="N", help="stop after N segmented studies")
     parser.add_argument("--duration", type=number_type(float, 0.1), default=None, metavar="S", help="stop after S seconds")
     parser.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's TLS certificate")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
     parser.set_defaults(func=_run_watch)
 
@@ -342,10 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or EXIT_OK)
     except MedSegAIInputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(encode_error(str(e)), file=sys.stderr)
         return EXIT_USAGE
     except (CancelledError, KeyboardInterrupt):
-        print("error: cancelled; no output was written.", file=sys.stderr)
+        print(encode_error("cancelled; no output was written."), file=sys.stderr)
         return EXIT_CANCELLED
     except BrokenPipeError:  # the reader went away (e.g. `medsegai models | head`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -354,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # anything else is a bug: say so, keep the traceback for --debug
         if getattr(args, "debug", False):
             traceback.print_exc()
-        print(f"error: unexpected failure ({type(e).__name__}: {e}); rerun with --debug and report it.", file=sys.stderr)
+        print(encode_error(f"unexpected failure ({type(e).__name__}: {e}); rerun with --debug and report it."), file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import MedSegAIInputError
 from .image import Volume, present_values
+from .labels import LabelEntry, label_entries
 
 __all__ = ["SEG_SOP_CLASS_UID", "build_dicom_seg", "check_source_headers", "require_highdicom", "read_dicom_seg_labels", "read_source_headers", "write_dicom_seg"]
 
@@ -111,7 +112,7 @@ def _code(triple: Any) -> Any:
     return Code(value, scheme, meaning)
 
 
-def _segment_descriptions(hd: Any, entries: Sequence[dict[str, Any]], model_id: str, model_version: str) -> list[Any]:
+def _segment_descriptions(hd: Any, entries: Sequence[LabelEntry], model_id: str, model_version: str) -> list[Any]:
     from highdicom.sr.coding import CodedConcept
     from pydicom.sr.codedict import codes
 
@@ -120,17 +121,15 @@ def _segment_descriptions(hd: Any, entries: Sequence[dict[str, Any]], model_id: 
     )
     descriptions = []
     for number, entry in enumerate(entries, start=1):
-        terminology = entry.get("terminology") or {}
+        terminology = entry.terminology or {}
         category = _code(terminology.get("category", _FALLBACK_CATEGORY))
         kind = _code(terminology.get("type", _FALLBACK_TYPE))
-        color = None
-        if entry.get("color") is not None:
-            red, green, blue = (int(round(255 * float(c))) for c in entry["color"])
-            color = hd.color.CIELabColor.from_rgb(red, green, blue)
+        red, green, blue = (int(round(255 * float(c))) for c in entry.color)
+        color = hd.color.CIELabColor.from_rgb(red, green, blue)
         regions = [_code(terminology["anatomic_region"])] if "anatomic_region" in terminology else None
         description = hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=str(entry["name"])[:64],
+            segment_label=str(entry.name)[:64],
             segmented_property_category=category,
             segmented_property_type=kind,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -157,7 +156,7 @@ def build_dicom_seg(
 
     Args:
         labels: integer labelmap, array ``(z, y, x)``, on exactly the source series' grid.
-        labels_spec: the model's labels (``segfile.label_entries`` forms): every label becomes a
+        labels_spec: the model's labels (``labels.label_entries`` forms): every label becomes a
             segment (numbered 1.. in this order) with its name, colour and terminology.
         source_headers: pydicom datasets (pixels not needed) of every image of the source series.
         model_id: algorithm name recorded in each segment.
@@ -172,7 +171,6 @@ def build_dicom_seg(
         ValueError: the labels are not on the source grid or hold values no label names.
     """
     from . import __version__
-    from .segfile import label_entries
 
     hd = require_highdicom()
     if not isinstance(labels, Volume) or labels.array.ndim != 3 or labels.array.dtype.kind not in "iub":
@@ -185,11 +183,11 @@ def build_dicom_seg(
     if (int(first.Rows), int(first.Columns)) != labels.shape[1:]:
         raise ValueError(f"the labels' slices {labels.shape[1:]} do not match the source images ({first.Rows}, {first.Columns})")
     indices = _slice_indices(source_headers, labels)
-    top = max(e["value"] for e in entries)
+    top = max(e.value for e in entries)
     numbers = np.zeros(max(top, int(labels.array.max(initial=0))) + 1, dtype=np.uint16)
     for number, entry in enumerate(entries, start=1):
-        numbers[entry["value"]] = number
-    unnamed = present_values(labels.array) - {0} - {e["value"] for e in entries}
+        numbers[entry.value] = number
+    unnamed = present_values(labels.array) - {0} - {e.value for e in entries}
     if unnamed:
         raise ValueError(f"labels contain values {sorted(unnamed)} that labels_spec does not name")
     frames = numbers[np.asarray(labels.array)[indices]]
@@ -242,7 +240,6 @@ def read_dicom_seg_labels(path: str | os.PathLike, source_headers: Sequence[Any]
     along the slice normal (the order of ``dicom.read_series``); segment ``n`` becomes the value
     of the ``n``-th entry of ``labels_spec``.
     """
-    from .segfile import label_entries
 
     hd = require_highdicom()
     seg = hd.seg.segread(str(path))
@@ -257,5 +254,5 @@ def read_dicom_seg_labels(path: str | os.PathLike, source_headers: Sequence[Any]
     entries = label_entries(labels_spec)
     values = np.zeros(len(entries) + 1, dtype=np.uint16)
     for number, entry in enumerate(entries, start=1):
-        values[number] = entry["value"]
+        values[number] = entry.value
     return values[np.asarray(pixels)]

@@ -2,9 +2,8 @@
 
 The engine always runs in a separate process (Slicer's own ``PythonSlicer`` by default, or a Python
 the user chose), so Slicer stays responsive and a crash in TensorFlow/ONNX Runtime cannot take
-Slicer down. The process prints one JSON progress line a step on stdout (see
-:mod:`MedSegAILib.progress`), exits 0 on success, 2 with an ``error: ...`` line on stderr for bad
-input, 130 when cancelled and 1 otherwise.
+Slicer down. It speaks :mod:`MedSegAILib.protocol`: one JSON progress line a step on stdout, an
+``error: ...`` line on stderr and the protocol's exit codes (2 for bad input, 130 when cancelled).
 
 :class:`EngineProcess` reads both pipes on background threads. Neither :meth:`EngineProcess.poll`
 nor :meth:`EngineProcess.cancel` waits: the widget calls them from a ``QTimer`` and a button. Cancel
@@ -32,11 +31,10 @@ from typing import Any
 
 from .errors import MedSegAIInputError
 from .process_tree import ProcessTree
+from .protocol import SEGMENTATION_STAGE_WEIGHTS, parse_error_line, parse_progress_line
 
 __all__ = [
     "CANCEL_GRACE_SECONDS",
-    "STAGE_WEIGHTS",
-    "TRAINING_STAGE_WEIGHTS",
     "EngineFailedError",
     "EngineProcess",
     "ProgressEvent",
@@ -49,17 +47,6 @@ __all__ = [
     "same_python",
 ]
 
-# Share of the whole run each engine stage takes (for one progress bar and its ETA).
-STAGE_WEIGHTS: dict[str, float] = {
-    "read": 0.04,
-    "preprocess": 0.06,
-    "model": 0.75,
-    "stitch": 0.04,
-    "postprocess": 0.07,
-    "write": 0.04,
-}
-# The same for fine-tuning (``medsegai train --progress json``).
-TRAINING_STAGE_WEIGHTS: dict[str, float] = {"preprocess": 0.08, "train": 0.88, "export": 0.04}
 # After Cancel, the engine has this long to stop by itself before its whole tree is killed.
 CANCEL_GRACE_SECONDS = 1.5
 _LOG_LINES_KEPT = 2000
@@ -195,7 +182,7 @@ class EngineProcess:
     and both pipes are closed (a launcher's child that outlives it still holds them).
     """
 
-    stage_weights: dict[str, float] = STAGE_WEIGHTS
+    stage_weights: dict[str, float] = SEGMENTATION_STAGE_WEIGHTS
 
     def __init__(self) -> None:
         self.command: list[str] = []
@@ -381,7 +368,6 @@ class EngineProcess:
     # -- progress ----------------------------------------------------------------------------
 
     def _parse_progress(self, line: str) -> ProgressEvent | None:
-        from .progress import parse_progress_line
 
         record = parse_progress_line(line)
         if record is None:
@@ -409,9 +395,8 @@ class EngineProcess:
     def error_message(self, what: str = "The engine") -> str:
         """One sentence for a failed run, built from the engine's last ``error:`` line."""
         for line in reversed(self._stderr_tail):
-            stripped = line.strip()
-            if stripped.lower().startswith("error:"):
-                text = stripped[len("error:"):].strip()
+            text = parse_error_line(line)
+            if text is not None:
                 return text[:1].upper() + text[1:] if text else f"{what} failed."
         code = self.returncode
         last = next((line.strip() for line in reversed(self._stderr_tail) if line.strip()), "")

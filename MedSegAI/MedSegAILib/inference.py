@@ -39,6 +39,7 @@ from .errors import CancelledError, MedSegAIInputError
 from .image import Volume
 from .components import StreamedComponents
 from .postprocessing import component_labels, postprocess_in_place
+from .protocol import MODEL, POSTPROCESS, PREPROCESS, STITCH
 from .preprocessing import (
     intensity_statistics,
     linear_weights,
@@ -515,7 +516,7 @@ class _SlabStream:
                     tta=self.options.tta,
                     divisible_by=self.divisible_by,
                     num_classes=self.mapper.classes,
-                    progress=lambda d, t, offset=done: _report(self.progress, "model", offset + d, total_windows),
+                    progress=lambda d, t, offset=done: _report(self.progress, MODEL, offset + d, total_windows),
                     should_cancel=self.should_cancel,
                 )
                 del batch
@@ -560,7 +561,7 @@ def _segment_3d(
                 image = np.empty(tuple(model_shape) + (channels,), dtype=np.float32)
             image[..., c] = resampled
         del resampled
-        _report(progress, "preprocess", c + 1, channels)
+        _report(progress, PREPROCESS, c + 1, channels)
     clock.seconds["preprocess"] += time.perf_counter() - start
 
     start, model_before = time.perf_counter(), clock.seconds["model"]
@@ -578,7 +579,7 @@ def _segment_3d(
             divisible_by=int(getattr(spatial, "divisible_by", 1) or 1),
             num_classes=classes,
             consumer=lambda first, rows: mapping.submit(mapper.push, first, rows),
-            progress=lambda d, t: _report(progress, "model", d, total_windows),
+            progress=lambda d, t: _report(progress, MODEL, d, total_windows),
             should_cancel=should_cancel,
         )
         mapping.wait()
@@ -633,7 +634,7 @@ def segment_volumes(
     batch_size = int(options.batch_size or getattr(card.spatial, "batch_size", None) or DEFAULT_BATCH_SIZE[mode])
 
     start = time.perf_counter()
-    _report(progress, "preprocess", 0, len(volumes))
+    _report(progress, PREPROCESS, 0, len(volumes))
     first = volumes[0]
     view, reorientation = reorient_to_canonical(np.asarray(first.array), first.direction, first.spacing, first.origin)
     views = [view] + [reorientation.to_canonical(np.asarray(v.array)) for v in volumes[1:]]
@@ -647,20 +648,20 @@ def segment_volumes(
     spacing_zyx = tuple(reorientation.spacing[::-1])
     clock.seconds["preprocess"] += time.perf_counter() - start
     if mode == "2d":
-        _report(progress, "preprocess", len(volumes), len(volumes))
+        _report(progress, PREPROCESS, len(volumes), len(volumes))
 
     segment = _segment_2d if mode == "2d" else _segment_3d
     components = segment(
         views, labels_view, spacing_zyx, card, specs, stats, decide, tracked, clock, options, batch_size, progress, should_cancel
     )
-    _report(progress, "stitch", 1, 1)
+    _report(progress, STITCH, 1, 1)
 
     _check_cancel(should_cancel)
     start = time.perf_counter()
-    _report(progress, "postprocess", 0, 1)
+    _report(progress, POSTPROCESS, 0, 1)
     postprocess_in_place(labels_view, spacing_zyx, config, names, components=components)
     clock.seconds["postprocess"] += time.perf_counter() - start
-    _report(progress, "postprocess", 1, 1)
+    _report(progress, POSTPROCESS, 1, 1)
     if timings is not None:
         timings.update(clock.seconds)
     return Volume(

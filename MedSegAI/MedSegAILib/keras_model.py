@@ -2,7 +2,7 @@
 
 Imported only when a Keras model is loaded (it imports Keras). ``safe_mode=True`` always: a model
 file cannot run code (no ``Lambda`` layers, no pickled functions); MedSegAI's own serialisable
-layers and losses (package ``medsegai``) are registered first.
+layers (:mod:`MedSegAILib.keras_layers`, package ``medsegai``) are registered first.
 
 Slicer 5.8 runs Python 3.9, whose newest Keras is 3.10, while models are usually saved by a newer
 Keras, whose configurations carry arguments older Keras rejects (``HeNormal(input_axes=...)``,
@@ -26,16 +26,13 @@ from .errors import ModelFolderError
 
 __all__ = ["load_keras_model", "register_custom_objects", "saved_with_keras"]
 
-_CUSTOM_OBJECT_MODULES = ("medsegai_training.models", "medsegai_training.losses")
-
-
 def register_custom_objects() -> None:
-    """Import the modules whose ``register_keras_serializable`` classes a model may use, when present."""
-    if importlib.util.find_spec("medsegai_training") is None:
-        return
-    for module in _CUSTOM_OBJECT_MODULES:
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
+    """Register MedSegAI's own Keras layers (:mod:`MedSegAILib.keras_layers`, package ``medsegai``).
+
+    A model file holds layers only: losses and metrics (the training package's) are not needed to
+    load it uncompiled.
+    """
+    importlib.import_module(f"{__package__}.keras_layers")
 
 
 def saved_with_keras(path: str | os.PathLike[str]) -> str | None:

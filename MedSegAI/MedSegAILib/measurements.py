@@ -19,7 +19,7 @@ import numpy as np
 from .errors import MedSegAIInputError
 from .image import Volume
 from .imageio import atomic_output, full_suffix
-from .segfile import label_entries
+from .labels import label_entries
 
 __all__ = ["compute_measurements", "write_measurements", "max_feret_diameter", "CSV_COLUMNS"]
 
@@ -104,7 +104,7 @@ def compute_measurements(labels: Volume, labels_spec: Any) -> list[dict[str, Any
     Args:
         labels: integer labelmap, array ``(z, y, x)``, any orientation.
         labels_spec: label dicts with ``name`` and ``value`` (or a model card), see
-            :func:`MedSegAILib.segfile.label_entries`.
+            :func:`MedSegAILib.labels.label_entries`.
 
     Returns:
         One dict per label, in ``labels_spec`` order: ``name``, ``value``, ``voxel_count``,
@@ -124,7 +124,7 @@ def compute_measurements(labels: Volume, labels_spec: Any) -> list[dict[str, Any
     if array.dtype.kind == "b":
         array = array.view(np.uint8)
     entries = label_entries(labels_spec)
-    top = max(e["value"] for e in entries)
+    top = max(e.value for e in entries)
     if array.dtype.kind == "i" and array.min() < 0:
         array = np.where(array < 0, 0, array)
     boxes = label_boxes(array, max_label=top)
@@ -132,7 +132,7 @@ def compute_measurements(labels: Volume, labels_spec: Any) -> list[dict[str, Any
     matrix = labels.index_to_physical_matrix()
     rows = []
     for entry in entries:
-        value, name = entry["value"], str(entry["name"])
+        value, name = entry.value, str(entry.name)
         box = boxes[value - 1]
         mask = array[box] == value if box is not None else None
         count = int(np.count_nonzero(mask)) if mask is not None else 0

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .errors import MedSegAIInputError
 from .image import LPS_TO_RAS, Volume, present_values
+from .labels import DEFAULT_ANATOMIC_CONTEXT, DEFAULT_TERMINOLOGY_CONTEXT, LabelEntry, terminology_string
+from .labels import label_entries as _label_entries
 
 __all__ = [
+    "DEFAULT_ANATOMIC_CONTEXT",
+    "DEFAULT_TERMINOLOGY_CONTEXT",
     "LabelEntry",
     "label_entries",
     "terminology_string",
@@ -39,10 +42,6 @@ __all__ = [
     "MEASUREMENT_COLUMNS",
 ]
 
-# The terminology context names Slicer uses for the DICOM master lists.
-DEFAULT_TERMINOLOGY_CONTEXT = "Segmentation category and type - DICOM master list"
-DEFAULT_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
-
 # (column title, key in a measurements row, VTK array kind)
 MEASUREMENT_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("Segment", "name", "string"),
@@ -53,127 +52,9 @@ MEASUREMENT_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class LabelEntry:
-    """One foreground label as the Slicer layer needs it.
-
-    Attributes:
-        name: segment name (e.g. ``"liver"``).
-        value: integer label value in the labelmap (1..255).
-        color: RGB in [0, 1].
-        terminology: Slicer terminology entry string, or ``""`` when the model gives none.
-    """
-
-    name: str
-    value: int
-    color: tuple[float, float, float]
-    terminology: str = ""
-
-
-def _field(obj: Any, key: str, default: Any = None) -> Any:
-    """Read ``key`` from a mapping or an attribute of an object."""
-    if isinstance(obj, Mapping):
-        return obj.get(key, default)
-    return getattr(obj, key, default)
-
-
-def _code_triple(code: Any) -> tuple[str, str, str]:
-    """``(scheme, code, meaning)`` of a code given as dict/object, empty strings when absent."""
-    if code is None:
-        return ("", "", "")
-    return (
-        str(_field(code, "scheme", "") or ""),
-        str(_field(code, "code", "") or ""),
-        str(_field(code, "meaning", "") or ""),
-    )
-
-
-def terminology_string(terminology: Any) -> str:
-    """Slicer's serialized terminology entry for a model-card terminology.
-
-    Args:
-        terminology: mapping/object with ``category`` and ``type`` codes (each ``scheme``, ``code``,
-            ``meaning``), optional ``type_modifier``, ``anatomic_region`` and ``context``; or an
-            already serialized string (returned unchanged); or None.
-
-    Returns:
-        ``"<context>~SCHEME^code^meaning~<type>~<modifier>~<anatomic context>~<region>~<region modifier>"``,
-        the format of ``vtkSlicerTerminologiesModuleLogic.SerializeTerminologyEntry``, or ``""``.
-    """
-    if terminology is None:
-        return ""
-    if isinstance(terminology, str):
-        return terminology
-
-    def triple(code: Any) -> str:
-        scheme, value, meaning = _code_triple(code)
-        for part in (scheme, value, meaning):
-            if "~" in part or "^" in part:
-                raise ValueError(f"terminology code part {part!r} must not contain '~' or '^'")
-        return f"{scheme}^{value}^{meaning}"
-
-    context = str(_field(terminology, "context", None) or DEFAULT_TERMINOLOGY_CONTEXT)
-    region = _field(terminology, "anatomic_region", None)
-    parts = [
-        context,
-        triple(_field(terminology, "category")),
-        triple(_field(terminology, "type")),
-        triple(_field(terminology, "type_modifier")),
-        DEFAULT_ANATOMIC_CONTEXT if region is not None else "",
-        triple(region),
-        triple(None),
-    ]
-    return "~".join(parts)
-
-
 def label_entries(labels_spec: Any) -> list[LabelEntry]:
-    """Normalise a label specification into :class:`LabelEntry` objects.
-
-    Args:
-        labels_spec: a model card (anything with a ``labels`` attribute), a sequence of label
-            mappings/objects with ``name``, ``value``, optional ``color`` and ``terminology`` (the
-            ``model.json`` form), or a mapping ``{name: value}`` (``background``/0 is skipped).
-
-    Returns:
-        Foreground labels, sorted by value.
-
-    Raises:
-        ValueError: a value outside 1..255, or duplicate names or values.
-        TypeError: ``labels_spec`` has none of the accepted forms.
-    """
-    items: list[Any]
-    if hasattr(labels_spec, "labels") and not isinstance(labels_spec, Mapping):
-        items = list(labels_spec.labels)
-    elif isinstance(labels_spec, Mapping):
-        items = [{"name": name, "value": value} for name, value in labels_spec.items() if int(value) != 0]
-    elif isinstance(labels_spec, Sequence) and not isinstance(labels_spec, (str, bytes)):
-        items = list(labels_spec)
-    else:
-        raise TypeError(f"labels_spec must be a model card, a list of labels or a name->value mapping, got {type(labels_spec).__name__}")
-    entries = []
-    for item in items:
-        name = str(_field(item, "name", ""))
-        value = int(_field(item, "value", 0))
-        if not name or not 1 <= value <= 255:
-            raise ValueError(f"label {name!r} has value {value}; labels need a name and a value in 1..255")
-        color = _field(item, "color", None)
-        if color is None:
-            color = _default_color(value)
-        color_tuple = tuple(float(c) for c in list(color)[:3])
-        entries.append(LabelEntry(name, value, color_tuple, terminology_string(_field(item, "terminology", None))))
-    names = [e.name for e in entries]
-    values = [e.value for e in entries]
-    if len(set(names)) != len(names) or len(set(values)) != len(values):
-        raise ValueError(f"label names and values must be unique, got {list(zip(names, values))}")
-    return sorted(entries, key=lambda e: e.value)
-
-
-def _default_color(value: int) -> tuple[float, float, float]:
-    """A stable, distinguishable colour for labels without one (golden-angle hue)."""
-    import colorsys
-
-    hue = (value * 0.618033988749895) % 1.0
-    return colorsys.hsv_to_rgb(hue, 0.65, 0.9)
+    """:func:`MedSegAILib.labels.label_entries` for the scene's labelmaps, which are uint8 (values 1..255)."""
+    return _label_entries(labels_spec, max_value=255)
 
 
 # --------------------------------------------------------------------------------------------
@@ -399,7 +280,7 @@ def update_segmentation_node(segmentation_node: Any, labels: Volume, labels_spec
             segment.SetLabelValue(entry.value)
             segment.AddRepresentation(labelmap_name, shared)
             if entry.terminology:
-                segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry.terminology)
+                segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), entry.terminology_string)
             segment_id = existing_id or segmentation.GenerateUniqueSegmentID(entry.name)
             segmentation.AddSegment(segment, segment_id)
             segment_ids.append(segment_id)

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 from .errors import MedSegAIInputError, optional_import
 from .image import Volume
 from .modelcard import ModelCard, find_model
+from .protocol import READ, WRITE
 
 __all__ = ["SegmentationResult", "output_kind", "segment_case", "run_segmentation"]
 
@@ -199,7 +200,7 @@ def run_segmentation(
     volumes = []
     for index, path in enumerate(inputs):
         if progress:
-            progress("read", index, len(inputs), f"reading {card.channel_names[index]}")
+            progress(READ, index, len(inputs), f"reading {card.channel_names[index]}")
         volumes.append(read_volume(path, series_uid=series_uid))
     source_headers = None
     if dicom_seg is not None:
@@ -207,7 +208,7 @@ def run_segmentation(
 
         source_headers = check_source_headers(read_source_headers(inputs[0], volumes[0].metadata.get("series_uid", "")))
     if progress:
-        progress("read", len(inputs), len(inputs), "")
+        progress(READ, len(inputs), len(inputs), "")
     timings["read"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -222,7 +223,7 @@ def run_segmentation(
     start = time.perf_counter()
     name = (output or dicom_seg).name  # type: ignore[union-attr]
     if progress:
-        progress("write", 0, 1, name)
+        progress(WRITE, 0, 1, name)
     labels_spec = [label.to_dict() for label in card.labels]
     seg_dataset = None
     if source_headers is not None:
@@ -257,7 +258,7 @@ def run_segmentation(
             path.unlink(missing_ok=True)
         raise
     if progress:
-        progress("write", 1, 1, name)
+        progress(WRITE, 1, 1, name)
     timings["write"] = time.perf_counter() - start
     return SegmentationResult(
         labels=labels, card=card, backend=predictor.name, device=predictor.device,

@@ -22,7 +22,6 @@ import numpy as np
 
 __all__ = [
     "Reorientation",
-    "CanonicalGrid",
     "reorient_to_canonical",
     "normalize",
     "intensity_statistics",
@@ -138,8 +137,6 @@ class Reorientation:
         order[spatial_axis : spatial_axis + 3] = [spatial_axis + int(p) for p in inverse]
         return unflipped.transpose(order)
 
-
-CanonicalGrid = Reorientation
 
 
 def _nearest_axes(direction: np.ndarray) -> tuple[tuple[int, int, int], tuple[float, float, float]]:

@@ -15,7 +15,6 @@ matplotlib is imported inside :func:`render_preview` only (Agg canvas, no pyplot
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 from .errors import MedSegAIInputError, optional_import
 from .image import Volume, present_values
 from .imageio import atomic_output
+from .labels import label_entries
 
 __all__ = ["render_preview", "render_views", "canonical_lps_array"]
 
@@ -32,33 +32,6 @@ _OVERLAY_ALPHA = 0.45
 # soft-tissue window (level 40, width 400)
 _HU_AIR_THRESHOLD = -500.0
 _CT_SOFT_TISSUE_WINDOW = (-160.0, 240.0)
-
-
-def _label_entries(labels_spec: Any) -> list[tuple[int, str, tuple[float, float, float]]]:
-    """``(value, name, rgb)`` for each label of a ModelCard, LabelSpec list or dict list."""
-    items = getattr(labels_spec, "labels", labels_spec)
-    if isinstance(items, Mapping) or not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
-        raise TypeError(
-            f"labels_spec must be a ModelCard or a sequence of labels with name/value/color, got {type(labels_spec).__name__}"
-        )
-    entries = []
-    for item in items:
-        if isinstance(item, Mapping):
-            value, name, color = item.get("value"), item.get("name"), item.get("color")
-        else:
-            value, name, color = getattr(item, "value", None), getattr(item, "name", None), getattr(item, "color", None)
-        if not isinstance(value, (int, np.integer)) or not 1 <= int(value) <= 255:
-            raise ValueError(f"label value must be an integer 1..255, got {value!r}")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"label name must be a non-empty string, got {name!r}")
-        try:
-            rgb = tuple(float(c) for c in color)  # type: ignore[union-attr]
-        except TypeError as e:
-            raise ValueError(f"label {name!r} needs a colour of 3 numbers in [0, 1], got {color!r}") from e
-        if len(rgb) != 3 or not all(0.0 <= c <= 1.0 for c in rgb):
-            raise ValueError(f"label {name!r} needs a colour of 3 numbers in [0, 1], got {color!r}")
-        entries.append((int(value), name, rgb))  # type: ignore[arg-type]
-    return entries
 
 
 def canonical_lps_array(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -157,7 +130,7 @@ def _prepare_views(
         window.
     """
     _check_pair(image, labels)
-    entries = _label_entries(labels_spec)
+    entries = [(e.value, e.name, e.color) for e in label_entries(labels_spec, max_value=255)]
     grey, spacing = canonical_lps_array(image)
     labelmap, _ = canonical_lps_array(labels)
     low, high = _display_window(grey, window)

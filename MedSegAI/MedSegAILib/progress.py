@@ -1,18 +1,19 @@
 """Progress reporting for the command line: a terminal bar, JSON lines, or nothing.
 
 A reporter is a callable ``(stage, done, total, message) -> None``, the progress protocol of the
-engine. ``json`` writes one object per line on stdout (``stage``, ``done``, ``total``, ``message``)
+engine. ``json`` writes one object per line on stdout (:func:`MedSegAILib.protocol.encode_progress`)
 for programs such as the Slicer module; ``bar`` draws on stderr with stage and time left.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Callable, TextIO
 
-__all__ = ["ProgressCallback", "make_reporter", "BarReporter", "JsonReporter", "format_duration", "parse_progress_line"]
+from .protocol import encode_progress
+
+__all__ = ["ProgressCallback", "make_reporter", "BarReporter", "JsonReporter", "format_duration"]
 
 ProgressCallback = Callable[[str, int, int, str], None]
 
@@ -32,27 +33,8 @@ class JsonReporter:
         self.stream = stream or sys.stdout
 
     def __call__(self, stage: str, done: int, total: int, message: str = "") -> None:
-        record = {"stage": stage, "done": int(done), "total": int(total), "message": message}
-        self.stream.write(json.dumps(record) + "\n")
+        self.stream.write(encode_progress(stage, done, total, message) + "\n")
         self.stream.flush()
-
-
-def parse_progress_line(line: str) -> tuple[str, int, int, str] | None:
-    """``(stage, done, total, message)`` of one line a :class:`JsonReporter` wrote, or None for other text."""
-    text = line.strip()
-    if not text.startswith("{"):
-        return None
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(record, dict) or "stage" not in record:
-        return None
-    try:
-        return (str(record["stage"]), int(record.get("done", 0) or 0), int(record.get("total", 0) or 0),
-                str(record.get("message", "") or ""))
-    except (TypeError, ValueError):
-        return None
 
 
 class BarReporter:

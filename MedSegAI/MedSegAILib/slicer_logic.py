@@ -33,9 +33,8 @@ from typing import Any
 import numpy as np
 
 from . import mrml
-from .backends import BACKENDS
+from .backends import BACKENDS, DEVICES
 from .engine_process import (
-    TRAINING_STAGE_WEIGHTS,
     EngineFailedError,
     EngineProcess,
     ProgressEvent,
@@ -46,6 +45,7 @@ from .engine_process import (
 from .errors import MedSegAIInputError, ModelFolderError
 from .image import Volume
 from .model_store import install_model_folder
+from .protocol import TRAINING_STAGE_WEIGHTS
 
 __all__ = [
     "EngineOptions",
@@ -100,7 +100,7 @@ class EngineOptions:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad option."""
-        if self.device not in ("auto", "cpu", "gpu"):
+        if self.device not in DEVICES:
             raise ValueError(f"device must be auto, cpu or gpu, got {self.device!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")

@@ -13,14 +13,12 @@ import json
 import sys
 from typing import Any
 
-from MedSegAILib.backends import BACKENDS
+from MedSegAILib.backends import BACKENDS, DEVICES
 from MedSegAILib.errors import MedSegAIInputError
+from MedSegAILib.protocol import EXIT_OK, EXIT_USAGE
 
 __all__ = ["add_dataset_commands", "add_evaluate_command", "run_dataset_check", "run_dataset_import",
            "run_dataset_add", "run_evaluate"]
-
-EXIT_OK = 0
-EXIT_USAGE = 2
 
 
 def add_dataset_commands(subparsers: Any) -> argparse.ArgumentParser:
@@ -78,7 +76,7 @@ def add_evaluate_command(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", required=True, metavar="REPORT_DIR",
                         help="new folder for the report (never overwritten)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.set_defaults(func=run_evaluate)
     return parser
 

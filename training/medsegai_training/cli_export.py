@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from MedSegAILib.cli import number_type
+from MedSegAILib.argtypes import number_type
 
 __all__ = ["add_export_command"]
 

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any, Callable, TextIO
 
-from MedSegAILib.cli import number_type
+from MedSegAILib.argtypes import number_type
 from MedSegAILib.errors import CancelledError, MedSegAIInputError
 
 __all__ = ["add_train_command", "run_train", "EpochBarReporter", "quiet_tensorflow"]

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from MedSegAILib.errors import MedSegAIInputError
+from MedSegAILib.preprocessing import NORMALIZATION_METHODS
 
 __all__ = [
     "TrainConfig",
@@ -49,7 +50,6 @@ __all__ = [
 
 BUILDERS = ("unet_2d", "unet_3d", "vgg16_unet_2d", "dense_unet_2d")
 SCHEDULES = ("warmup_cosine", "step", "plateau", "constant")
-NORMALIZATION_METHODS = ("ct", "zscore", "percentile", "none")
 STRATEGIES = ("auto", "mirrored", "multiworker", "default")
 
 DEFAULT_SPATIAL_2D: dict[str, Any] = {

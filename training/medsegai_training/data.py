@@ -30,6 +30,7 @@ from MedSegAILib import preprocessing
 from MedSegAILib.errors import MedSegAIInputError
 from MedSegAILib.image import Volume
 from MedSegAILib.imageio import atomic_output
+from MedSegAILib.protocol import PREPROCESS
 
 __all__ = [
     "PreprocessedCase",
@@ -321,7 +322,7 @@ def fit_normalization(
                         (int(selected.size), float(selected.mean(dtype=np.float64)), float(selected.var(dtype=np.float64)))
                     )
             if progress is not None:
-                progress("preprocess", done + 1, len(case_ids), "fitting intensity statistics")
+                progress(PREPROCESS, done + 1, len(case_ids), "fitting intensity statistics")
         for i in wanted:
             mean, std = _pooled(parts[i])
             spec = plan.channels[i]["normalization"]
@@ -443,7 +444,7 @@ def load_cases(
         item.index_foreground(seed)
         cases.append(item)
         if progress is not None:
-            progress("preprocess", done + 1, len(case_ids), f"case {case_id}")
+            progress(PREPROCESS, done + 1, len(case_ids), f"case {case_id}")
     return cases
 
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 from MedSegAILib.errors import MedSegAIInputError
 from MedSegAILib.image import Volume
+from MedSegAILib.protocol import IMPORT
 
 __all__ = ["RawCase", "ImportResult", "read_raw_description", "import_nnunet", "add_from_files"]
 
@@ -273,7 +274,7 @@ def import_nnunet(
     try:
         for done, case in enumerate(cases):
             if progress is not None:
-                progress("import", done, len(cases), case.name)
+                progress(IMPORT, done, len(cases), case.name)
             try:
                 if case.split_4d:
                     images = _read_4d_channels(case.images[0], channels, case.name)
@@ -284,7 +285,7 @@ def import_nnunet(
             except MedSegAIInputError as e:
                 raise MedSegAIInputError(f"case {case.name}: {e}") from e
         if progress is not None:
-            progress("import", len(cases), len(cases), "")
+            progress(IMPORT, len(cases), len(cases), "")
         if target.exists():
             target.rmdir()
         os.replace(staging, target)

@@ -31,6 +31,7 @@ import numpy as np
 
 from MedSegAILib.errors import MedSegAIInputError
 from MedSegAILib.image import Volume
+from MedSegAILib.protocol import EVALUATE
 
 __all__ = [
     "VolumeError",
@@ -318,7 +319,7 @@ def evaluate_model(
     label_map: dict[str, int] | None = None
     for done, case in enumerate(selected):
         if progress is not None:
-            progress("evaluate", done, len(selected), case.id)
+            progress(EVALUATE, done, len(selected), case.id)
         images, reference = read_case(info, case)
         images = _model_channels(images, info.channels, model)
         prediction, card = segment_fn(images, model, backend=backend, device=device)
@@ -342,7 +343,7 @@ def evaluate_model(
             best = (mean_dice, case.id, panel) if is_best else best
             worst = (mean_dice, case.id, panel) if is_worst else worst
     if progress is not None:
-        progress("evaluate", len(selected), len(selected), "")
+        progress(EVALUATE, len(selected), len(selected), "")
 
     label_names = [row["label"] for row in per_case[0]["labels"]] if per_case else []
     summary = {}

@@ -37,6 +37,7 @@ import numpy as np
 
 from MedSegAILib.errors import CancelledError, MedSegAIError, MedSegAIInputError, ModelFolderError
 from MedSegAILib.imageio import atomic_output
+from MedSegAILib.protocol import EXPORT, TRAIN
 
 from .config import TrainConfig, config_from_dict, load_config
 
@@ -454,7 +455,7 @@ def _callbacks_module() -> Any:
                 self._epoch_seconds.append(seconds)
                 left = (self.epochs - epoch - 1) * float(np.median(self._epoch_seconds))
                 self.progress(
-                    "train", epoch + 1, self.epochs,
+                    TRAIN, epoch + 1, self.epochs,
                     f"loss {loss:.4f} val dice {val:.4f} (best {state['best_dice']:.4f} @ {state['best_epoch']}) "
                     f"{seconds:.0f} s, about {left:.0f} s left",
                 )
@@ -962,7 +963,7 @@ def _fit_and_export(
         return run.output_dir
 
     if progress is not None:
-        progress("export", 0, 1, "writing model.keras, model.onnx, model.json")
+        progress(EXPORT, 0, 1, "writing model.keras, model.onnx, model.json")
     from .export import load_keras_model
 
     best_path = run.training_dir / BEST_FILE
@@ -984,7 +985,7 @@ def _fit_and_export(
 
     _finish(run, own_cache)
     if progress is not None:
-        progress("export", 1, 1, f"model folder {run.output_dir}")
+        progress(EXPORT, 1, 1, f"model folder {run.output_dir}")
     return run.output_dir
 
 
