@@ -113,6 +113,9 @@ def _add_segment_command(subparsers: Any) -> None:
                         help="also write a one-page PDF case report (model, input, views, measurements, validation)")
     parser.add_argument("--report-identify", action="store_true",
                         help="put the DICOM input's patient name, id and birth date into the report (off by default)")
+    parser.add_argument("--uncertainty", default=None, metavar="FILE",
+                        help="also write the uint8 uncertainty map on the input's grid (.nrrd/.nii.gz): "
+                             "0 certain ... 255 maximal (normalised entropy of the softmax; with --tta, of its flip mean)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                         help="progress display (default: bar on a terminal)")
@@ -155,6 +158,8 @@ def _run_segment(args: argparse.Namespace) -> int:
         report=args.report, report_identify=args.report_identify,
     )
     if args.dicomweb is not None or args.study is not None:
+        if args.uncertainty is not None:
+            raise MedSegAIInputError("--uncertainty is not available with --dicomweb; segment the downloaded series as files instead.")
         return _run_segment_dicomweb(args, common)
     if not args.inputs:
         raise MedSegAIInputError("no INPUT given; pass one file or DICOM folder per model channel (or --dicomweb URL --study UID).")
@@ -163,10 +168,11 @@ def _run_segment(args: argparse.Namespace) -> int:
     if args.series and len(args.series) > 1:
         raise MedSegAIInputError("--series may be given once for DICOM folders (it applies to every folder).")
     result = run_segmentation(
-        args.inputs, args.output, series_uid=args.series[0] if args.series else None, dicom_seg=args.dicom_seg, **common
+        args.inputs, args.output, series_uid=args.series[0] if args.series else None, dicom_seg=args.dicom_seg,
+        uncertainty=args.uncertainty, **common
     )
     found = [row["name"] for row in result.measurements if row.get("voxel_count", 0) > 0]
-    written = " and ".join(str(p) for p in (result.output, result.dicom_seg) if p is not None)
+    written = " and ".join(str(p) for p in (result.output, result.dicom_seg, result.uncertainty_path) if p is not None)
     summary = f"wrote {written} with model {result.card.id} {result.card.version} ({result.backend}, {result.device})"
     if args.measurements:
         summary += f"; measurements in {args.measurements}"
