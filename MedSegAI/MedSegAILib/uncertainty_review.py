@@ -34,9 +34,10 @@ from . import mrml
 from .engine_process import EngineFailedError, EngineProcess, check_python_executable, engine_environment
 from .errors import MedSegAIInputError
 from .image import Volume
+from .uncertainty import uncertain_level
 from .uncertain_regions import DEFAULT_THRESHOLD, Region, RegionVisits, rank_regions
 
-__all__ = ["UncertaintyReview", "RankRun", "RankedCase", "read_ranking"]
+__all__ = ["UncertaintyReview", "RankRun", "RankedCase", "read_ranking", "rankable_volume_nodes", "ranking_text"]
 
 
 def _ijk_to_ras(node: Any) -> np.ndarray:
@@ -63,15 +64,18 @@ class UncertaintyReview:
     """One segmentation's uncertainty review in a scene (the state behind the panel's buttons).
 
     Args:
-        threshold: map values ``>= threshold`` (0..255 scale) are uncertain voxels.
+        threshold: map values ``>= threshold`` (0..255 scale) are uncertain voxels; None: the
+            engine's :func:`uncertainty.uncertain_level` for the model's class count (a voxel split
+            90/10 between two classes), so the regions are those the measurements count.
         min_voxels: regions with fewer uncertain voxels are not listed.
         margin: shell (voxels) searched for the segment a region concerns.
     """
 
-    def __init__(self, threshold: int = DEFAULT_THRESHOLD, min_voxels: int = 1, margin: int = 2) -> None:
-        if not 1 <= int(threshold) <= 255:
-            raise ValueError(f"threshold must be in 1..255, got {threshold}")
-        self.threshold = int(threshold)
+    def __init__(self, threshold: int | None = None, min_voxels: int = 1, margin: int = 2) -> None:
+        if threshold is not None and not 1 <= int(threshold) <= 255:
+            raise ValueError(f"threshold must be in 1..255 or None, got {threshold}")
+        self.threshold = None if threshold is None else int(threshold)
+        self.threshold_used = DEFAULT_THRESHOLD
         self.min_voxels = int(min_voxels)
         self.margin = int(margin)
         self.visits = RegionVisits()
@@ -123,8 +127,9 @@ class UncertaintyReview:
             segment_id = segmentation.GetSegmentIdBySegmentName(entry.name)
             if segment_id:
                 self.label_segments[entry.value] = segment_id
+        self.threshold_used = self.threshold if self.threshold is not None else uncertain_level(len(entries) + 1)
         regions = rank_regions(np.asarray(uncertainty.array), np.asarray(labels.array), uncertainty.spacing,
-                               self.threshold, min_voxels=self.min_voxels, margin=self.margin,
+                               self.threshold_used, min_voxels=self.min_voxels, margin=self.margin,
                                ijk_to_ras=_ijk_to_ras(self.volume_node))
         self.visits.reset(regions)
         return regions
@@ -209,15 +214,21 @@ class UncertaintyReview:
             return segment_id
         return None
 
-    def next_region(self) -> Region | None:
+    def next_region(self, start_over: bool = False) -> Region | None:
         """Visit the best-ranked region not visited yet: centre the slice views on it, select its segment.
 
+        Args:
+            start_over: when every region was visited, forget the visits and go to the first again.
+
         Returns:
-            The region, or None when every region was visited (nothing changes then).
+            The region, or None when there is none left to visit (nothing changes then).
         """
         index = self.visits.next_index()
         if index is None:
-            return None
+            if not (start_over and self.regions):
+                return None
+            self.visits.reset(self.regions)
+            index = 0
         return self.go_to(index)
 
     def go_to(self, index: int) -> Region:
@@ -270,6 +281,32 @@ class RankedCase:
     name: str
     score: float
     rank: int
+
+
+def rankable_volume_nodes(scene: Any) -> list[Any]:
+    """The scene's grey-value volumes, in scene order: scalar volumes that are neither label maps nor
+    MedSegAI's uncertainty maps."""
+    if scene is None:
+        raise ValueError("scene must be a vtkMRMLScene, got None")
+    nodes = []
+    collection = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    for index in range(collection.GetNumberOfItems()):
+        node = collection.GetItemAsObject(index)
+        if node.IsA("vtkMRMLLabelMapVolumeNode") or node.GetAttribute(mrml.UNCERTAINTY_ATTRIBUTE):
+            continue
+        nodes.append(node)
+    return nodes
+
+
+def ranking_text(cases: Sequence[RankedCase]) -> str:
+    """The panel's list: one line per case, the one to correct first on top."""
+    if not cases:
+        return "No volumes were ranked."
+    lines = ["Correct in this order (highest expected error first):"]
+    for case in cases:
+        score = "" if math.isnan(case.score) else f" (score {case.score:.3g})"
+        lines.append(f"{case.rank}. {case.name}{score}")
+    return "\n".join(lines)
 
 
 def read_ranking(path: str | os.PathLike[str]) -> list[tuple[str, float]]:

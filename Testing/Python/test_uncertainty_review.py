@@ -19,7 +19,7 @@ sitk = pytest.importorskip("SimpleITK")
 from MedSegAILib import mrml  # noqa: E402
 from MedSegAILib.errors import MedSegAIInputError  # noqa: E402
 from MedSegAILib.image import Volume  # noqa: E402
-from MedSegAILib.uncertain_regions import DEFAULT_THRESHOLD  # noqa: E402
+from MedSegAILib.uncertainty import uncertain_level  # noqa: E402
 from MedSegAILib.uncertainty_review import UncertaintyReview  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
@@ -111,7 +111,8 @@ def test_map_node_has_the_inputs_geometry_and_views_land_on_the_region(ct: Volum
     # the map's regions: two organ boundaries and the blob (nothing from the sub-threshold shell), by volume
     assert [(r.rank, r.label, r.voxel_count) for r in regions] == [
         (0, LIVER, np.count_nonzero(uncertainty == 230)), (1, SPLEEN, np.count_nonzero(uncertainty == 170)), (2, 0, 27)]
-    assert sum(r.voxel_count for r in regions) == int(np.count_nonzero(uncertainty >= DEFAULT_THRESHOLD))
+    assert review.threshold_used == uncertain_level(4) > 20  # three labels and background; the shell stays below
+    assert sum(r.voxel_count for r in regions) == int(np.count_nonzero(uncertainty >= review.threshold_used))
 
     assert review.counter_text() == f"{len(regions)} uncertain regions"
     assert review.show(True, 0.4) == len(VIEWS)
@@ -132,7 +133,7 @@ def test_map_node_has_the_inputs_geometry_and_views_land_on_the_region(ct: Volum
             i, j, k = (ras_to_ijk @ np.append(centre, 1.0))[:3]
             np.testing.assert_allclose((i, j, k), np.rint((i, j, k)), atol=1e-6)  # on a voxel centre
             z, y, x = (int(round(v)) for v in (k, j, i))
-            assert uncertainty[z, y, x] >= DEFAULT_THRESHOLD
+            assert uncertainty[z, y, x] >= review.threshold_used
         editor = scene.GetSingletonNode(mrml.SEGMENT_EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
         assert editor.GetSegmentationNode() is segmentation and editor.GetSourceVolumeNode() is node
         assert editor.GetSelectedSegmentID() == segment_of.get(region.label)  # the blob: no segment
