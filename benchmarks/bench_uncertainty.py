@@ -45,6 +45,8 @@ DEFAULT_SHARED = REPO_ROOT.parent / "shared" / "data"
 BUDGETS = (0.0005, 0.001, 0.002, 0.005, 0.01)
 MAPS = ("entropy", "entropy_tta", "mutual_info")
 BAND_VOXELS = 2
+# Region thresholds tried: the entropy of a two-class split p / 1 − p (0.9 = uncertain_level, the default).
+REGION_SPLITS = (0.9, 0.97, 0.99)
 
 
 # ---------------------------------------------------------------- regions (the panel's order)
@@ -251,6 +253,14 @@ def measure_case(case: dict[str, Any], predictor: Any, card: Any) -> dict[str, A
             figures[f"regions{first}_boxes"] = round(int(np.count_nonzero(errors & seen)) / total, 4)
             figures[f"regions{first}_box_fraction"] = round(float(seen.mean()), 4)
             figures[f"regions{first}_voxel_fraction"] = round(float(inside.mean()), 5)
+        for split in REGION_SPLITS[1:]:  # lower region thresholds: bigger regions for the panel to visit
+            sweep_masks, _, _ = region_masks(score, labels, images[0].spacing, uncertain_level(card.num_classes, split))
+            for first in (5, 10):
+                inside = np.zeros(shape, bool)
+                for mask in sweep_masks[:first]:
+                    inside |= mask
+                figures[f"regions{first}_voxels@{split}"] = round(int(np.count_nonzero(errors & inside)) / total, 4)
+                figures[f"regions{first}_voxel_fraction@{split}"] = round(float(inside.mean()), 5)
         labels_volume = images[0].with_array(labels)
         figures["score"] = case_score(labels_volume, images[0].with_array(score), card.num_classes).__dict__
         figures["score"]["mean_map"] = round(float(score.mean()) / 255, 6)
