@@ -205,6 +205,46 @@ def _run_segment_dicomweb(args: argparse.Namespace, common: dict[str, Any]) -> i
     return EXIT_OK
 
 
+def _add_rank_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "rank",
+        parents=[_common_options()],
+        help="segment several cases and order them by expected error (which case to correct next)",
+        description="Segment each case and write a CSV ordered by expected error (highest first), from the "
+                    "model's uncertainty. One-channel models: each INPUT is an image or DICOM series folder. "
+                    "Several channels: each INPUT is a case folder holding <channel>.nrrd/.nii.gz/... or <channel>/ "
+                    "DICOM folders named after the model's channels.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="one case per INPUT")
+    parser.add_argument("-o", "--output", required=True, metavar="RANKING.csv", help="the ranking to write")
+    parser.add_argument("--model", default=None, metavar="ID_OR_FOLDER", help="model id or folder (default: the default model)")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
+    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (the map is then of the flip mean)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N", help="windows per network call")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing ranking")
+    parser.add_argument("--progress", choices=("bar", "json", "none"), default=None,
+                        help="progress display (default: bar on a terminal)")
+    parser.set_defaults(func=_run_rank)
+
+
+def _run_rank(args: argparse.Namespace) -> int:
+    from .inference import SegmentOptions
+    from .progress import make_reporter
+    from .ranking import rank_cases
+
+    cancel = _CancelFlag()
+    cancel.install()
+    options = SegmentOptions(overlap=args.overlap, tta=args.tta, batch_size=args.batch_size)
+    rows = rank_cases(args.inputs, args.output, model=args.model, backend=args.backend, device=args.device,
+                      options=options, overwrite=args.overwrite, progress=make_reporter(args.progress), should_cancel=cancel)
+    first = rows[0]
+    print(f"wrote {args.output}: {len(rows)} case(s); correct first: case {first['case']} ({first['input']}, "
+          f"expected error {first['expected_error']:.3f})", file=sys.stderr)
+    return EXIT_OK
+
+
 def _add_watch_command(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "watch",
@@ -334,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     _add_segment_command(subparsers)
+    _add_rank_command(subparsers)
     _add_watch_command(subparsers)
     _add_report_command(subparsers)
     _add_models_command(subparsers)
