@@ -345,12 +345,19 @@ def read_ranking(path: str | os.PathLike[str]) -> list[tuple[str, float]]:
 class RankRun(EngineProcess):
     """``medsegai rank`` over scene volumes (one case per volume) in a separate engine process.
 
+    The volumes go to the engine as ``case_0000.nrrd`` … (never node names: they may hold patient
+    names); the engine's CSV (columns ``rank``, ``case``, ``input``, ``expected_error`` …) is
+    mapped back to the nodes by those file names.
+
     Args:
         volume_nodes: scalar volume nodes, one case each (a one-channel model).
         model: a ModelCard, model id or model folder.
         options: :class:`slicer_logic.EngineOptions` (device, backend, engine Python).
         temp_root: where the run's temporary folder goes.
     """
+
+    # overall progress = cases read / cases (``medsegai rank`` reports stage "read" once per case)
+    stage_weights = {"read": 1.0}
 
     def __init__(self, volume_nodes: Sequence[Any], model: Any, options: Any = None,
                  temp_root: str | os.PathLike[str] | None = None) -> None:
@@ -391,7 +398,11 @@ class RankRun(EngineProcess):
             self.ranking_path = self.temp_dir / "ranking.csv"
             command = [python, "-m", "MedSegAILib.cli", "rank", *(str(self.temp_dir / name) for name in self.files),
                        "-o", str(self.ranking_path), "--model", str(self.card.folder), "--progress", "json",
-                       "--device", options.device, "--backend", options.backend]
+                       "--device", options.device, "--backend", options.backend, "--overlap", repr(float(options.overlap))]
+            if options.tta:
+                command.append("--tta")
+            if options.batch_size:
+                command += ["--batch-size", str(int(options.batch_size))]
             self._launch(command, engine_environment(options.python_executable), cwd=str(self.temp_dir))
         except BaseException:
             self.cleanup()

@@ -188,3 +188,86 @@ def test_a_map_off_the_inputs_grid_is_refused(ct: Volume, case) -> None:
     with pytest.raises(MedSegAIInputError, match="not on the grid"):
         UncertaintyReview().load(shifted, node, segmentation, spec, ct.with_array(labels))
     assert scene.GetNumberOfNodes() == before
+
+
+# --------------------------------------------------------------------------------------------
+# Through the real engine process: Segment with the map, then review; Rank loaded volumes
+# --------------------------------------------------------------------------------------------
+
+ENGINE_TIMEOUT = 300
+
+
+@pytest.fixture(autouse=True)
+def _quiet_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MEDSEGAI_THREADS", "1")
+
+
+def _small_case(near: int, blob: bool = False) -> Volume:
+    """Bone (certain) beside voxels exactly at the analytic model's threshold (maximally uncertain)."""
+    from analytic_models import THRESHOLD_HU
+
+    array = np.full((6, 24, 24), -1000.0, np.float32)
+    array[1:5, 2:10, 2:10] = 1000.0
+    array.reshape(-1)[:near] = THRESHOLD_HU
+    if blob:
+        array[1:4, 10, 2:11] = THRESHOLD_HU  # 27 voxels on the bone's face
+        array[1:3, 19:21, 19:21] = THRESHOLD_HU  # 8 voxels far from it
+    return Volume(array, (0.9, 0.8, 2.0), (3.0, -4.0, 5.0), _rotation((0.0, 0.0, 90.0)) @ np.diag([1.0, 1.0, -1.0]))
+
+
+def test_segment_with_uncertainty_then_next_region(analytic_model_dir: Path) -> None:
+    from MedSegAILib import slicer_logic
+
+    scene = _scene_with_slice_views()
+    volume = _small_case(0, blob=True)
+    node = mrml.add_volume_node(scene, volume, "small CT")
+    options = slicer_logic.EngineOptions(device="cpu", backend="onnx", uncertainty=True)
+    result = slicer_logic.run_segmentation_blocking([node], str(analytic_model_dir), options=options, timeout=ENGINE_TIMEOUT)
+    review = UncertaintyReview()
+    regions = review.load_result(result)
+    assert [(r.voxel_count, r.peak_uncertainty) for r in regions] == [(27, 255), (8, 255)]
+    assert np.array_equal(_matrix(review.volume_node, "GetIJKToRASMatrix"), _matrix(node, "GetIJKToRASMatrix"))
+    assert np.array_equal(slicer.util.arrayFromVolume(review.volume_node), result.uncertainty.array)
+    region = review.next_region()
+    assert region is regions[0] and region.label == 1 and review.counter_text() == "region 1 of 2"
+    editor = scene.GetSingletonNode(mrml.SEGMENT_EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
+    bone = result.segmentation_node.GetSegmentation().GetSegmentIdBySegmentName("bone")
+    assert editor.GetSelectedSegmentID() == bone == result.segment_ids[0]
+    slice_to_ras = scene.GetFirstNodeByClass("vtkMRMLSliceNode").GetSliceToRAS()
+    i, j, k = (np.linalg.inv(_matrix(node, "GetIJKToRASMatrix")) @ [*(slice_to_ras.GetElement(r, 3) for r in range(3)), 1.0])[:3]
+    np.testing.assert_allclose((k, j, i), (2, 10, 6), atol=1e-6)  # the slab's middle voxel, through the node's own geometry
+    assert review.next_region() is regions[1] and review.next_region() is None
+    assert review.next_region(start_over=True) is regions[0] and review.visits.visited == {0}
+
+
+def test_rank_loaded_volumes_orders_by_expected_error(analytic_model_dir: Path) -> None:
+    from MedSegAILib import slicer_logic
+    from MedSegAILib.uncertainty_review import RankRun, rankable_volume_nodes, ranking_text
+
+    scene = slicer.vtkMRMLScene()
+    for name, near in (("calm", 0), ("worst", 30), ("some", 6)):
+        mrml.add_volume_node(scene, _small_case(near), name)
+    mrml.add_volume_node(scene, _small_case(0).with_array(np.zeros((6, 24, 24), np.uint8)), "labels", labelmap=True)
+    mrml.set_uncertainty_volume_node(scene, _small_case(0).with_array(np.zeros((6, 24, 24), np.uint8)),
+                                     scene.GetFirstNodeByName("calm"))
+    volumes = rankable_volume_nodes(scene)
+    assert [node.GetName() for node in volumes] == ["calm", "worst", "some"]
+    before = scene.GetNumberOfNodes()
+    options = slicer_logic.EngineOptions(device="cpu", backend="onnx")
+    run = RankRun(volumes, str(analytic_model_dir), options).start()
+    assert all(name.startswith("case_") for name in run.files)  # no node names reach the engine
+    run.wait(timeout=ENGINE_TIMEOUT)
+    cases = run.finish()
+    assert [case.name for case in cases] == ["worst", "some", "calm"] and [case.rank for case in cases] == [1, 2, 3]
+    assert cases[0].score > cases[1].score > cases[2].score == 0.0
+    assert ranking_text(cases).splitlines()[1].startswith("1. worst")
+    assert scene.GetNumberOfNodes() == before and run.temp_dir is None
+
+    cancelled = RankRun(volumes, str(analytic_model_dir), options).start()
+    cancelled.cancel()
+    assert cancelled.wait_stopped(10.0)
+    with pytest.raises(MedSegAIInputError, match="cancelled"):
+        cancelled.finish()
+    with pytest.raises(MedSegAIInputError, match="at least 2 volumes"):
+        RankRun(volumes[:1], str(analytic_model_dir), options).start()
