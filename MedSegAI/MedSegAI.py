@@ -950,6 +950,8 @@ class MedSegAITest(ScriptedLoadableModuleTest):
         self.test_MedSegAI_exportCorrectedLabels()
         self.setUp()
         self.test_MedSegAI_settingsSurviveModuleSwitch()
+        self.setUp()
+        self.test_MedSegAI_uncertaintyReview()
 
     def _sampleVolume(self):
         samplePath = Path(__file__).parent / "Resources" / "SampleData" / "abdomen-ct.nii.gz"
@@ -1012,6 +1014,33 @@ class MedSegAITest(ScriptedLoadableModuleTest):
         self.assertNotEqual(firstCase, secondCase)
         self.assertEqual(logic.datasetCaseCount(parameterNode.datasetFolder), 2)
         self.delayDisplay("Export test passed")
+
+    def test_MedSegAI_uncertaintyReview(self) -> None:
+        """Segment with Show uncertainty: the map on the input's geometry, overlaid; Next counts; a new Segment starts over."""
+        self.delayDisplay("Reviewing uncertain regions")
+        volumeNode = self._sampleVolume()
+        logic = MedSegAILogic()
+        parameterNode = self._parameterNodeFor(volumeNode)
+        parameterNode.showUncertainty = True
+        result = logic.segment(parameterNode, timeout=600)
+        self.assertIsNotNone(result.uncertainty)
+        review = logic.uncertaintyReview
+        mapMatrix, inputMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        review.volume_node.GetIJKToRASMatrix(mapMatrix)
+        volumeNode.GetIJKToRASMatrix(inputMatrix)
+        self.assertTrue(all(mapMatrix.GetElement(r, c) == inputMatrix.GetElement(r, c) for r in range(4) for c in range(4)))
+        logic.showUncertainty(parameterNode, True, 0.4)
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None and layoutManager.sliceWidget("Red") is not None:
+            compositeNode = layoutManager.sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
+            self.assertEqual(compositeNode.GetForegroundVolumeID(), review.volume_node.GetID())
+        self.assertTrue(review.regions, "the sample CT has no uncertain region")
+        text = logic.nextUncertainRegion()
+        self.assertTrue(text.startswith(f"region 1 of {len(review.regions)}"), text)
+        self.assertEqual(review.visits.visited, {0})
+        logic.segment(parameterNode, timeout=600)
+        self.assertEqual(review.visits.visited, set())
+        self.delayDisplay("Uncertainty review test passed")
 
     def test_MedSegAI_settingsSurviveModuleSwitch(self) -> None:
         """Leaving and re-entering the module keeps every setting (Slicer 5.6/5.8 reset combo boxes)."""
