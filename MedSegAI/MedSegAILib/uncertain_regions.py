@@ -11,7 +11,8 @@ order is a pure function of the inputs.
 Each :class:`Region` has a centre that lies on one of its own voxels (the region voxel nearest
 to its centroid in millimetres: a jump to it always lands on uncertain tissue, even for a curved
 region whose centroid falls outside it) and the label value it concerns: the label most present
-among its voxels and a shell of ``margin`` voxels around them (background 0 when no label is near).
+among its own voxels, or, for a region lying wholly outside every label, the label most present in a
+shell of ``margin`` voxels around it (background 0 when none is near).
 
 :class:`RegionVisits` is the small state behind the button: which regions were visited, "region 3
 of 12", the next one not visited, and reset when a new segmentation replaces the map.
@@ -32,6 +33,8 @@ __all__ = ["DEFAULT_THRESHOLD", "Region", "RegionVisits", "rank_regions"]
 # Voxels at or above this value of the uint8 map (0..255) are uncertain: half the maximal uncertainty.
 DEFAULT_THRESHOLD = 128
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+# Regions up to this many voxels have their shell searched together (vectorised); larger ones one by one.
+_VECTOR_SHELL_VOXELS = 4096
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,8 @@ class Region:
         centre_zyx: the centre voxel as ``(z, y, x)`` array indices.
         centre_ijk: the same voxel as Slicer/ITK ``(i, j, k)`` = ``(x, y, z)`` indices.
         centre_ras: its position in millimetres (RAS) when ``ijk_to_ras`` was given, else ``None``.
-        label: the label value the region concerns (0: no label in or around it).
+        label: the label value the region concerns: the one most present among its voxels, else in
+            the ``margin`` shell around it (0: no label in or around it).
         bounds_zyx: the region's bounding box as ``((z0, z1), (y0, y1), (x0, x1))``, half-open.
     """
 
@@ -91,8 +95,50 @@ def _check_inputs(uncertainty: np.ndarray, labels: np.ndarray | None, spacing: S
     return uncertainty, matrix
 
 
+def _most_present(owners: np.ndarray, values: np.ndarray) -> dict[int, int]:
+    """Owner -> the nonzero value it has most often (ties: the smaller value)."""
+    keep = values > 0
+    if not keep.any():
+        return {}
+    owners, values = owners[keep].astype(np.int64), values[keep].astype(np.int64)
+    width = int(values.max()) + 1
+    pair_counts = np.bincount(owners * width + values)
+    pairs = np.flatnonzero(pair_counts)
+    found_owner, found, counts = pairs // width, pairs % width, pair_counts[pairs]
+    order = np.lexsort((found, -counts, found_owner))
+    first = np.ones(order.size, dtype=bool)
+    first[1:] = found_owner[order][1:] != found_owner[order][:-1]
+    return dict(zip(found_owner[order][first].tolist(), found[order][first].tolist()))
+
+
+def _shell_labels(labels: np.ndarray, ids: np.ndarray, zyx: np.ndarray, components: list[int], margin: int) -> dict[int, int]:
+    """Component -> the label most present within ``margin`` voxels (chessboard) of its voxels.
+
+    The same voxels a ``margin``-fold 26-connected dilation reaches, gathered for many small regions
+    at once: each region voxel's ``(2 margin + 1)³`` neighbours, each neighbour counted once per region.
+    """
+    wanted = np.zeros(int(ids.max()) + 1, dtype=bool)
+    wanted[components] = True
+    select = wanted[ids]
+    owners, points = ids[select].astype(np.int64), zyx[select]
+    axis = np.arange(-margin, margin + 1)
+    offsets = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(-1, 3)
+    shape = np.array(labels.shape)
+    size = int(labels.size)
+    keys = []
+    step = max(1, (1 << 22) // len(offsets))
+    for begin in range(0, len(owners), step):
+        near = points[begin : begin + step, None, :] + offsets[None, :, :]
+        inside = np.all((near >= 0) & (near < shape), axis=2)
+        flat = np.ravel_multi_index(tuple(near[inside].T), labels.shape)
+        keys.append(np.repeat(owners[begin : begin + step], len(offsets))[inside.ravel()] * size + flat)
+    unique = np.sort(np.concatenate(keys))  # sort + neighbour test: far faster than np.unique's hash here
+    unique = unique[np.concatenate(([True], unique[1:] != unique[:-1]))]
+    return _most_present(unique // size, labels.ravel()[unique % size])
+
+
 def _region_label(labels: np.ndarray, components: np.ndarray, component: int, box: tuple[slice, ...], margin: int) -> int:
-    """The label most present in the region and a shell of ``margin`` voxels; ties to the smaller value."""
+    """The label most present in a shell of ``margin`` voxels around a region; ties to the smaller value."""
     grown = tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, labels.shape))
     mask = components[grown] == component
     if margin:
@@ -119,7 +165,7 @@ def rank_regions(uncertainty: np.ndarray, labels: np.ndarray | None, spacing: Se
         threshold: voxels with a map value ``>= threshold`` are uncertain (1..255).
         min_voxels: regions with fewer uncertain voxels are left out (specks).
         max_regions: keep only this many of the best-ranked regions (``None``: all).
-        margin: shell, in voxels, around a region searched for the label it concerns.
+        margin: shell, in voxels, searched for the label a region concerns when none is inside it.
         ijk_to_ras: 4x4 matrix from ``(i, j, k, 1)`` to RAS mm (Slicer's ``GetIJKToRASMatrix``); gives
             each region's ``centre_ras``.
 
@@ -163,15 +209,33 @@ def rank_regions(uncertainty: np.ndarray, labels: np.ndarray | None, spacing: Se
     ranked = candidates[np.lexsort((candidates, -sums[candidates], -sizes[candidates]))]
     if max_regions is not None:
         ranked = ranked[: int(max_regions)]
-    boxes = ndimage.find_objects(components)
+    # bounding boxes from the uncertain voxels alone (no second pass over the whole grid)
+    low = np.full((count + 1, 3), np.iinfo(np.int64).max, dtype=np.int64)
+    high = np.full((count + 1, 3), -1, dtype=np.int64)
+    for axis in range(3):
+        np.minimum.at(low[:, axis], ids, zyx[:, axis])
+        np.maximum.at(high[:, axis], ids, zyx[:, axis])
+    boxes = {c: tuple(slice(int(low[c, a]), int(high[c, a]) + 1) for a in range(3)) for c in ranked.tolist()}
+    inside: dict[int, int] = {}
+    shell: dict[int, int] = {}
+    if labels is not None:
+        inside = _most_present(ids, labels.ravel()[flat])
+        alone = [c for c in ranked.tolist() if c not in inside]
+        if margin and alone:
+            # small regions all at once; the few large ones by dilating their own box
+            small = [c for c in alone if sizes[c] <= _VECTOR_SHELL_VOXELS]
+            shell = _shell_labels(labels, ids, zyx, small, int(margin)) if small else {}
+            for c in alone:
+                if sizes[c] > _VECTOR_SHELL_VOXELS:
+                    shell[c] = _region_label(labels, components, c, boxes[c], int(margin))
     regions = []
     for rank, component in enumerate(ranked.tolist()):
-        box = boxes[component - 1]
+        box = boxes[component]
         z, y, x = (int(v) for v in centre_of[component])
         ras = None
         if matrix is not None:
             ras = tuple(float(v) for v in (matrix @ np.array([x, y, z, 1.0]))[:3])
-        label = _region_label(labels, components, component, box, int(margin)) if labels is not None else 0
+        label = inside.get(component, 0) or shell.get(component, 0)
         regions.append(Region(
             rank=rank, voxel_count=int(sizes[component]), volume_ml=float(sizes[component]) * voxel_ml,
             mean_uncertainty=float(sums[component] / sizes[component]), peak_uncertainty=int(peaks[component]),

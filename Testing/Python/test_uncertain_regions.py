@@ -118,3 +118,35 @@ def test_visits_count_next_and_reset() -> None:
     visits.reset()
     assert visits.counter_text() == "no uncertain regions" and visits.visit() is None
     assert isinstance(regions[0], Region)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_labels_match_a_region_by_region_reference(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Vectorised inside/shell labels (and the large-region path) equal dilating each region on its own."""
+    from scipy import ndimage
+
+    from MedSegAILib import uncertain_regions
+
+    rng = np.random.default_rng(seed)
+    labels = ndimage.zoom(rng.integers(0, 4, (4, 5, 5)), 4, order=0).astype(np.uint8)[:14, :17, :19]
+    labels[rng.random(labels.shape) < 0.3] = 0
+    uncertainty = (rng.random(labels.shape) < 0.08).astype(np.uint8) * 200
+    components, count = ndimage.label(uncertainty >= 128, structure=np.ones((3, 3, 3), bool))
+
+    def reference(component: int, margin: int) -> int:
+        region = components == component
+        for mask in (region, ndimage.binary_dilation(region, np.ones((3, 3, 3), bool), iterations=margin) if margin else region):
+            values = labels[mask]
+            values = values[values > 0]
+            if values.size:
+                found, counts = np.unique(values, return_counts=True)
+                return int(found[np.argmax(counts)])
+        return 0
+
+    for margin, vector_limit in ((2, 4096), (1, 4096), (0, 4096), (2, 1)):
+        monkeypatch.setattr(uncertain_regions, "_VECTOR_SHELL_VOXELS", vector_limit)
+        regions = rank_regions(uncertainty, labels, SPACING, margin=margin)
+        assert len(regions) == count
+        for region in regions:
+            z, y, x = region.centre_zyx
+            assert region.label == reference(int(components[z, y, x]), margin)
