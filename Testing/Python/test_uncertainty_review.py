@@ -271,3 +271,26 @@ def test_rank_loaded_volumes_orders_by_expected_error(analytic_model_dir: Path) 
         cancelled.finish()
     with pytest.raises(MedSegAIInputError, match="at least 2 volumes"):
         RankRun(volumes[:1], str(analytic_model_dir), options).start()
+
+
+def test_two_channel_model_reviews_on_the_first_channels_grid(tmp_path: Path) -> None:
+    """A two-channel model (as the brain model): the map and the regions lie on the first channel's grid,
+    whatever the second channel's grid."""
+    from analytic_models import threshold_model_folder
+
+    from MedSegAILib import slicer_logic
+
+    model = threshold_model_folder(tmp_path / "two-channel", mode="2d", patch=[16, 16], backends=("onnx",),
+                                   model_id="analytic-two-channel", channels=("T1", "FLAIR"))
+    scene = _scene_with_slice_views()
+    first = _small_case(0, blob=True)
+    second = Volume(np.random.default_rng(0).normal(100, 20, (8, 30, 30)).astype(np.float32), (0.7, 0.7, 1.6), (1.0, -6.0, 3.0), _rotation((5.0, 3.0, -10.0)))
+    nodes = [mrml.add_volume_node(scene, first, "T1"), mrml.add_volume_node(scene, second, "FLAIR")]
+    options = slicer_logic.EngineOptions(device="cpu", backend="onnx", uncertainty=True)
+    result = slicer_logic.run_segmentation_blocking(nodes, str(model), options=options, timeout=ENGINE_TIMEOUT)
+    review = UncertaintyReview()
+    regions = review.load_result(result)
+    assert review.reference_volume_node is nodes[0]
+    assert np.array_equal(_matrix(review.volume_node, "GetIJKToRASMatrix"), _matrix(nodes[0], "GetIJKToRASMatrix"))
+    assert [(r.voxel_count, r.label) for r in regions][:1] == [(27, 1)]
+    assert review.next_region() is regions[0] and review.counter_text() == f"region 1 of {len(regions)}"
