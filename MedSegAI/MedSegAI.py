@@ -31,7 +31,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.parameterNodeWrapper import Choice, GuiConnector, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
-from MedSegAILib import dependencies, model_store, mrml, slicer_logic
+from MedSegAILib import dependencies, model_store, mrml, slicer_logic, uncertainty_review
 from MedSegAILib.backends import BACKENDS, DEVICES
 from MedSegAILib.errors import MedSegAIInputError
 
@@ -87,6 +87,8 @@ class MedSegAIParameterNode:
         minimumIslandVolumeMm3 (0 = none).
     enginePython - Python executable for the engine; empty = Slicer's Python.
     datasetFolder - training dataset folder for Export corrected labels and Fine-tune.
+    showUncertainty - Segment also computes the uncertainty map, shown over the slice views.
+    uncertaintyOpacity - opacity of that overlay.
     """
 
     modelId: str = ""
@@ -107,6 +109,8 @@ class MedSegAIParameterNode:
     minimumIslandVolumeMm3: Annotated[float, WithinRange(0.0, 1000000.0)] = 0.0
     enginePython: str = ""
     datasetFolder: str = ""
+    showUncertainty: bool = False
+    uncertaintyOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
 
 
 class TypedTextConnector(GuiConnector):
@@ -166,6 +170,8 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._segmentationRun = None
         self._fineTuneRun = None
         self._installRun = None
+        self._rankRun = None
+        self._canVisitRegions = False
         self._afterInstall = None
         self._pollTimer = None
 
@@ -193,6 +199,10 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.datasetFolderLineEdit.connect("editingFinished()", self.updateCaseCount)
         self.ui.exportCorrectedLabelsButton.connect("clicked(bool)", self.onExportCorrectedLabels)
         self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTuneButton)
+        self.ui.showUncertaintyCheckBox.connect("toggled(bool)", self.onUncertaintyDisplayChanged)
+        self.ui.uncertaintyOpacitySliderWidget.connect("valueChanged(double)", self.onUncertaintyDisplayChanged)
+        self.ui.nextUncertainRegionButton.connect("clicked(bool)", self.onNextUncertainRegion)
+        self.ui.rankVolumesButton.connect("clicked(bool)", self.onRankVolumesButton)
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(POLL_INTERVAL_MILLISECONDS)
@@ -206,7 +216,7 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Called when the application closes: stop running processes, drop observers."""
         if self._pollTimer is not None:
             self._pollTimer.stop()
-        for run in (self._segmentationRun, self._fineTuneRun, self._installRun):
+        for run in (self._segmentationRun, self._fineTuneRun, self._installRun, self._rankRun):
             if run is not None and run.running:
                 run.cancel()
                 run.wait_stopped(2.0)
@@ -225,9 +235,15 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._segmentationRun = None
             self.ui.progressBar.value = 0
             self.ui.statusLabel.text = "Segmentation cancelled: the scene was closed."
+        if self._rankRun is not None:
+            self._rankRun.cancel()
+            self._rankRun = None
+            self.ui.rankingLabel.text = "Ranking cancelled: the scene was closed."
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
+        self._canVisitRegions = False  # the map node went with the scene
+        self.ui.uncertainRegionLabel.text = "Check Show uncertainty, then Segment."
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -354,6 +370,7 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         fineTuning = self._fineTuneRun is not None and self._fineTuneRun.running
         installing = self._installRun is not None and self._installRun.running
         installingFor = self._afterInstall if installing else None
+        ranking = self._rankRun is not None and self._rankRun.running
         hasInput = self._parameterNode.inputVolume1 is not None and bool(self._parameterNode.modelId)
         self.ui.segmentButton.text = "Cancel" if segmenting or installingFor == "segment" else "Segment"
         self.ui.segmentButton.enabled = (segmenting or installingFor == "segment"
@@ -370,6 +387,11 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.minimumIslandVolumeSpinBox.enabled = (self._parameterNode.postprocessing
                                                       and self._parameterNode.minimumIslandOverride)
         self.ui.checkDependenciesButton.enabled = not installing
+        self.ui.uncertaintyOpacitySliderWidget.enabled = self._parameterNode.showUncertainty
+        self.ui.nextUncertainRegionButton.enabled = self._canVisitRegions and not segmenting
+        self.ui.rankVolumesButton.text = "Cancel ranking" if ranking else "Rank loaded volumes"
+        self.ui.rankVolumesButton.enabled = ranking or (bool(self._parameterNode.modelId) and not segmenting
+                                                        and not fineTuning and not installing)
 
     def onPollTimer(self) -> None:
         """Read the processes' progress (never blocks); finish those that ended.
@@ -379,7 +401,7 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """
         try:
             for run, kind in ((self._segmentationRun, "segment"), (self._fineTuneRun, "fine-tune"),
-                              (self._installRun, "install")):
+                              (self._installRun, "install"), (self._rankRun, "rank")):
                 if run is None:
                     continue
                 ended = not run.running
@@ -389,11 +411,11 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.ui.logTextEdit.appendPlainText(line)
                 if ended:
                     {"segment": self.finishSegmentation, "fine-tune": self.finishFineTune,
-                     "install": self.finishInstall}[kind](run)
+                     "install": self.finishInstall, "rank": self.finishRanking}[kind](run)
         except Exception:
             logging.debug("MedSegAI: a finished run raised", exc_info=True)
         finally:
-            if not (self._segmentationRun or self._fineTuneRun or self._installRun):
+            if not (self._segmentationRun or self._fineTuneRun or self._installRun or self._rankRun):
                 self._pollTimer.stop()
             self.updateButtons()
 
@@ -407,6 +429,8 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if kind == "segment":
             self.ui.progressBar.value = int(round(100 * event.fraction))
             self.ui.statusLabel.text = text
+        elif kind == "rank":
+            self.ui.rankingLabel.text = f"Ranking: {text}"
         else:
             self.ui.fineTuneStatusLabel.text = f"Fine-tuning: {text}"
 
@@ -454,6 +478,9 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = (f"Done in {result.seconds:.0f} s: {len(result.segment_ids)} segment(s) from "
                                         f"{result.card.name} {result.card.version}.")
             self.logic.showResult(result)
+            self.logic.showUncertainty(self._parameterNode)
+            self.ui.uncertainRegionLabel.text = self.logic.uncertaintyCounterText()
+            self._canVisitRegions = self.logic.hasUncertainRegions()
 
     def onEditInSegmentEditor(self) -> None:
         with slicer.util.tryWithErrorDisplay("Segment Editor could not be opened."):
@@ -467,6 +494,44 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("The case report could not be written.", waitCursor=True):
             written = self.logic.writeCaseReport(self._parameterNode, path)
             slicer.util.showStatusMessage(f"Wrote {written}.", 5000)
+
+    # -- uncertainty review and case ranking ----------------------------------------------------
+
+    def onUncertaintyDisplayChanged(self, value=None) -> None:
+        """Show/hide the overlay or change its opacity (the parameter node is bound to both widgets)."""
+        if not self._parameterNode:
+            return
+        with slicer.util.tryWithErrorDisplay("The uncertainty overlay could not be shown."):
+            self.logic.showUncertainty(self._parameterNode, self.ui.showUncertaintyCheckBox.checked,
+                                       self.ui.uncertaintyOpacitySliderWidget.value)
+            self.ui.uncertainRegionLabel.text = self.logic.uncertaintyCounterText()
+            self._canVisitRegions = self.logic.hasUncertainRegions()
+        self.updateButtons()
+
+    def onNextUncertainRegion(self) -> None:
+        with slicer.util.tryWithErrorDisplay("The next uncertain region could not be shown."):
+            self.ui.uncertainRegionLabel.text = self.logic.nextUncertainRegion()
+
+    def onRankVolumesButton(self) -> None:
+        if self._rankRun is not None and self._rankRun.running:
+            self._rankRun.cancel()
+            self._rankRun = None
+            self.ui.rankingLabel.text = "Ranking cancelled."
+            self.updateButtons()
+            return
+        with slicer.util.tryWithErrorDisplay("The volumes could not be ranked.", waitCursor=True):
+            self.ui.rankingLabel.text = "Starting the engine…"
+            self._rankRun = self.logic.startRanking(self._parameterNode)
+            self._pollTimer.start()
+        self.updateButtons()
+
+    def finishRanking(self, run) -> None:
+        self._rankRun = None
+        if run.cancelled:
+            return
+        self.ui.rankingLabel.text = "Ranking failed; see the log."
+        with slicer.util.tryWithErrorDisplay("The volumes could not be ranked."):
+            self.ui.rankingLabel.text = self.logic.finishRanking(run)
 
     # -- dependencies ------------------------------------------------------------------------
 
@@ -630,6 +695,7 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.lastResult = None
         self._cards = {}
+        self.uncertaintyReview = uncertainty_review.UncertaintyReview()
 
     def getParameterNode(self) -> MedSegAIParameterNode:
         return MedSegAIParameterNode(super().getParameterNode())
@@ -692,6 +758,7 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
             fill_holes=choice[parameterNode.fillHoles],
             min_island_mm3=parameterNode.minimumIslandVolumeMm3 if parameterNode.minimumIslandOverride else None,
             python_executable=parameterNode.enginePython.strip() or None,
+            uncertainty=parameterNode.showUncertainty,
         )
 
     def inputVolumeNodes(self, parameterNode: MedSegAIParameterNode) -> list:
@@ -712,7 +779,9 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
         return slicer_logic.segments_to_be_replaced(parameterNode.outputSegmentation, parameterNode.modelId)
 
     def finishSegmentation(self, run: slicer_logic.SegmentationRun) -> slicer_logic.SegmentationResult:
+        """Fill the scene; the run's uncertainty map replaces the last one and the region list starts over."""
         self.lastResult = run.finish(slicer.mrmlScene)
+        self.uncertaintyReview.load_result(self.lastResult)
         return self.lastResult
 
     def segment(self, parameterNode: MedSegAIParameterNode, timeout: Optional[float] = None) -> slicer_logic.SegmentationResult:
@@ -761,6 +830,41 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
                 editor.setSourceVolumeNode(sourceVolumeNode)
             else:
                 editor.setMasterVolumeNode(sourceVolumeNode)
+
+    # -- uncertainty review and case ranking ----------------------------------------------------
+
+    def showUncertainty(self, parameterNode: MedSegAIParameterNode, shown: Optional[bool] = None,
+                        opacity: Optional[float] = None) -> None:
+        """Overlay the last run's uncertainty map in the slice views, or take it away."""
+        shown = parameterNode.showUncertainty if shown is None else shown
+        opacity = parameterNode.uncertaintyOpacity if opacity is None else opacity
+        self.uncertaintyReview.show(shown, opacity)
+
+    def hasUncertainRegions(self) -> bool:
+        return self.uncertaintyReview.has_map and bool(self.uncertaintyReview.regions)
+
+    def uncertaintyCounterText(self) -> str:
+        if not self.uncertaintyReview.has_map:
+            return "Check Show uncertainty, then Segment."
+        return self.uncertaintyReview.counter_text()
+
+    def nextUncertainRegion(self) -> str:
+        """Go to the most uncertain region not visited yet (after the last, start over); returns the panel's line."""
+        region = self.uncertaintyReview.next_region(start_over=True)
+        if region is None:
+            return self.uncertaintyCounterText()
+        return self.uncertaintyReview.describe(region)
+
+    def startRanking(self, parameterNode: MedSegAIParameterNode) -> uncertainty_review.RankRun:
+        """Start ``medsegai rank`` on the scene's grey-value volumes with the selected model; returns the run to poll."""
+        volumes = uncertainty_review.rankable_volume_nodes(slicer.mrmlScene)
+        run = uncertainty_review.RankRun(volumes, self.modelCard(parameterNode.modelId), self.engineOptions(parameterNode),
+                                         temp_root=slicer.app.temporaryPath)
+        return run.start()
+
+    def finishRanking(self, run: uncertainty_review.RankRun) -> str:
+        """The ranked volumes as the panel lists them."""
+        return uncertainty_review.ranking_text(run.finish())
 
     # -- dependencies ------------------------------------------------------------------------
 
@@ -846,6 +950,8 @@ class MedSegAITest(ScriptedLoadableModuleTest):
         self.test_MedSegAI_exportCorrectedLabels()
         self.setUp()
         self.test_MedSegAI_settingsSurviveModuleSwitch()
+        self.setUp()
+        self.test_MedSegAI_uncertaintyReview()
 
     def _sampleVolume(self):
         samplePath = Path(__file__).parent / "Resources" / "SampleData" / "abdomen-ct.nii.gz"
@@ -908,6 +1014,33 @@ class MedSegAITest(ScriptedLoadableModuleTest):
         self.assertNotEqual(firstCase, secondCase)
         self.assertEqual(logic.datasetCaseCount(parameterNode.datasetFolder), 2)
         self.delayDisplay("Export test passed")
+
+    def test_MedSegAI_uncertaintyReview(self) -> None:
+        """Segment with Show uncertainty: the map on the input's geometry, overlaid; Next counts; a new Segment starts over."""
+        self.delayDisplay("Reviewing uncertain regions")
+        volumeNode = self._sampleVolume()
+        logic = MedSegAILogic()
+        parameterNode = self._parameterNodeFor(volumeNode)
+        parameterNode.showUncertainty = True
+        result = logic.segment(parameterNode, timeout=600)
+        self.assertIsNotNone(result.uncertainty)
+        review = logic.uncertaintyReview
+        mapMatrix, inputMatrix = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        review.volume_node.GetIJKToRASMatrix(mapMatrix)
+        volumeNode.GetIJKToRASMatrix(inputMatrix)
+        self.assertTrue(all(mapMatrix.GetElement(r, c) == inputMatrix.GetElement(r, c) for r in range(4) for c in range(4)))
+        logic.showUncertainty(parameterNode, True, 0.4)
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None and layoutManager.sliceWidget("Red") is not None:
+            compositeNode = layoutManager.sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
+            self.assertEqual(compositeNode.GetForegroundVolumeID(), review.volume_node.GetID())
+        self.assertTrue(review.regions, "the sample CT has no uncertain region")
+        text = logic.nextUncertainRegion()
+        self.assertTrue(text.startswith(f"region 1 of {len(review.regions)}"), text)
+        self.assertEqual(review.visits.visited, {0})
+        logic.segment(parameterNode, timeout=600)
+        self.assertEqual(review.visits.visited, set())
+        self.delayDisplay("Uncertainty review test passed")
 
     def test_MedSegAI_settingsSurviveModuleSwitch(self) -> None:
         """Leaving and re-entering the module keeps every setting (Slicer 5.6/5.8 reset combo boxes)."""

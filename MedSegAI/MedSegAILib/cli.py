@@ -95,6 +95,9 @@ def _add_segment_command(subparsers: Any) -> None:
                         help="also write a one-page PDF case report (model, input, views, measurements, validation)")
     parser.add_argument("--report-identify", action="store_true",
                         help="put the DICOM input's patient name, id and birth date into the report (off by default)")
+    parser.add_argument("--uncertainty", default=None, metavar="FILE",
+                        help="also write the uint8 uncertainty map on the input's grid (.nrrd/.nii.gz): "
+                             "0 certain ... 255 maximal (normalised entropy of the softmax; with --tta, of its flip mean)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                         help="progress display (default: bar on a terminal)")
@@ -137,6 +140,8 @@ def _run_segment(args: argparse.Namespace) -> int:
         report=args.report, report_identify=args.report_identify,
     )
     if args.dicomweb is not None or args.study is not None:
+        if args.uncertainty is not None:
+            raise MedSegAIInputError("--uncertainty is not available with --dicomweb; segment the downloaded series as files instead.")
         return _run_segment_dicomweb(args, common)
     if not args.inputs:
         raise MedSegAIInputError("no INPUT given; pass one file or DICOM folder per model channel (or --dicomweb URL --study UID).")
@@ -145,10 +150,11 @@ def _run_segment(args: argparse.Namespace) -> int:
     if args.series and len(args.series) > 1:
         raise MedSegAIInputError("--series may be given once for DICOM folders (it applies to every folder).")
     result = run_segmentation(
-        args.inputs, args.output, series_uid=args.series[0] if args.series else None, dicom_seg=args.dicom_seg, **common
+        args.inputs, args.output, series_uid=args.series[0] if args.series else None, dicom_seg=args.dicom_seg,
+        uncertainty=args.uncertainty, **common
     )
     found = [row["name"] for row in result.measurements if row.get("voxel_count", 0) > 0]
-    written = " and ".join(str(p) for p in (result.output, result.dicom_seg) if p is not None)
+    written = " and ".join(str(p) for p in (result.output, result.dicom_seg, result.uncertainty_path) if p is not None)
     summary = f"wrote {written} with model {result.card.id} {result.card.version} ({result.backend}, {result.device})"
     if args.measurements:
         summary += f"; measurements in {args.measurements}"
@@ -178,6 +184,46 @@ def _run_segment_dicomweb(args: argparse.Namespace, common: dict[str, Any]) -> i
     if args.output:
         summary += f"; wrote {args.output}"
     print(summary, file=sys.stderr)
+    return EXIT_OK
+
+
+def _add_rank_command(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "rank",
+        parents=[_common_options()],
+        help="segment several cases and order them by expected error (which case to correct next)",
+        description="Segment each case and write a CSV ordered by expected error (highest first), from the "
+                    "model's uncertainty. One-channel models: each INPUT is an image or DICOM series folder. "
+                    "Several channels: each INPUT is a case folder holding <channel>.nrrd/.nii.gz/... or <channel>/ "
+                    "DICOM folders named after the model's channels.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="one case per INPUT")
+    parser.add_argument("-o", "--output", required=True, metavar="RANKING.csv", help="the ranking to write")
+    parser.add_argument("--model", default=None, metavar="ID_OR_FOLDER", help="model id or folder (default: the default model)")
+    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
+    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (the map is then of the flip mean)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N", help="windows per network call")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing ranking")
+    parser.add_argument("--progress", choices=("bar", "json", "none"), default=None,
+                        help="progress display (default: bar on a terminal)")
+    parser.set_defaults(func=_run_rank)
+
+
+def _run_rank(args: argparse.Namespace) -> int:
+    from .inference import SegmentOptions
+    from .progress import make_reporter
+    from .ranking import rank_cases
+
+    cancel = _CancelFlag()
+    cancel.install()
+    options = SegmentOptions(overlap=args.overlap, tta=args.tta, batch_size=args.batch_size)
+    rows = rank_cases(args.inputs, args.output, model=args.model, backend=args.backend, device=args.device,
+                      options=options, overwrite=args.overwrite, progress=make_reporter(args.progress), should_cancel=cancel)
+    first = rows[0]
+    print(f"wrote {args.output}: {len(rows)} case(s); correct first: case {first['case']} ({first['input']}, "
+          f"expected error {first['expected_error']:.3f})", file=sys.stderr)
     return EXIT_OK
 
 
@@ -310,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
     _add_segment_command(subparsers)
+    _add_rank_command(subparsers)
     _add_watch_command(subparsers)
     _add_report_command(subparsers)
     _add_models_command(subparsers)

@@ -49,6 +49,7 @@ from .preprocessing import (
     target_grid,
 )
 from .sliding_window import sliding_window_2d, sliding_window_3d, window_grid
+from .uncertainty import entropy_uint8, normalized_entropy
 
 __all__ = ["DEFAULT_BATCH_SIZE", "STREAM_BUDGET_BYTES", "SegmentOptions", "argmax_labels", "decide_labels", "segment_volumes", "upsample_argmax"]
 
@@ -308,11 +309,18 @@ class _RowMapper:
     them. Probabilities are interpolated linearly (axis 0 first, at the model's in-plane size,
     then in-plane) before ``decide``; the labels are written into ``components.out``, a
     ``(n0, n1, n2)`` uint8 (possibly strided) view, and handed to ``components`` (label boxes and
-    the connected components post-processing needs, gathered while the network runs).
+    the connected components post-processing needs, gathered while the network runs). With
+    ``uncertainty`` (a uint8 view laid out like ``components.out``), the normalised entropy of the
+    same row-interpolated probabilities is computed at the model's in-plane size, interpolated
+    in-plane and written there (:mod:`uncertainty`).
     """
 
-    def __init__(self, source_rows: int, components: StreamedComponents, decide: Callable[[np.ndarray], np.ndarray], classes: int) -> None:
+    def __init__(self, source_rows: int, components: StreamedComponents, decide: Callable[[np.ndarray], np.ndarray], classes: int,
+                 uncertainty: np.ndarray | None = None) -> None:
         self.out = components.out
+        if uncertainty is not None and uncertainty.shape != self.out.shape:
+            raise ValueError(f"uncertainty output shape {uncertainty.shape} differs from the labels' {self.out.shape}")
+        self.uncertainty = uncertainty
         self.components = components
         self.decide = decide
         self.classes = classes
@@ -330,7 +338,7 @@ class _RowMapper:
 
     def _chunk_rows(self) -> int:
         source = self.buffer.shape[1] * self.buffer.shape[2] if self.buffer is not None else 1
-        per_row = max(source, self.out.shape[1] * self.out.shape[2]) * self.classes * 4 * 3
+        per_row = max(source, self.out.shape[1] * self.out.shape[2]) * (self.classes + (self.uncertainty is not None)) * 4 * 3
         return max(1, STREAM_BUDGET_BYTES // per_row)
 
     def push(self, first: int, rows: np.ndarray) -> None:
@@ -371,6 +379,12 @@ class _RowMapper:
             high *= self.weight[start:stop, None, None, None]
             probabilities += high
             del high
+        if self.uncertainty is not None:
+            entropy = normalized_entropy(probabilities)
+            if entropy.shape[1:3] != self.out.shape[1:3]:
+                entropy = resample_axis_aligned(entropy, self.out.shape[1:3], order=1, axes=(1, 2))
+            self.uncertainty[start:stop] = entropy_uint8(entropy)
+            del entropy
         if self.decide is argmax_labels:
             return upsample_argmax(probabilities, self.out.shape[1:3])
         resampled = resample_axis_aligned(probabilities, self.out.shape[1:3], order=1, axes=(1, 2))
@@ -427,6 +441,7 @@ def _segment_2d(
     batch_size: int,
     progress: ProgressFn | None,
     should_cancel: Callable[[], bool] | None,
+    uncertainty: np.ndarray | None = None,
 ) -> StreamedComponents:
     spatial = card.spatial
     axis = _SLICING_AXIS.get(getattr(spatial, "axis", None) or "axial")
@@ -450,7 +465,8 @@ def _segment_2d(
     slab_size = min(count, slab_size)
     axes = [axis] + [a for a in range(3) if a != axis]
     components = StreamedComponents(out_slices, classes - 1, tracked, axes)
-    mapper = _RowMapper(count, components, decide, classes)
+    mapper = _RowMapper(count, components, decide, classes,
+                        None if uncertainty is None else np.moveaxis(uncertainty, axis, 0))
     divisible_by = int(getattr(spatial, "divisible_by", 1) or 1)
     _SlabStream(
         slabs, mapper, plane, patch, slab_size, specs, stats, clock, options, batch_size, divisible_by, per_slice,
@@ -541,6 +557,7 @@ def _segment_3d(
     batch_size: int,
     progress: ProgressFn | None,
     should_cancel: Callable[[], bool] | None,
+    uncertainty: np.ndarray | None = None,
 ) -> StreamedComponents:
     spatial = card.spatial
     patch = tuple(int(p) for p in spatial.patch_size)
@@ -566,7 +583,7 @@ def _segment_3d(
 
     start, model_before = time.perf_counter(), clock.seconds["model"]
     components = StreamedComponents(out, classes - 1, tracked)
-    mapper = _RowMapper(model_shape[0], components, decide, classes)
+    mapper = _RowMapper(model_shape[0], components, decide, classes, uncertainty)
     total_windows = len(window_grid(model_shape, patch, options.overlap))
     with _Background() as mapping:  # finished rows are mapped back while the next windows run
         sliding_window_3d(
@@ -596,6 +613,7 @@ def segment_volumes(
     progress: ProgressFn | None = None,
     should_cancel: Callable[[], bool] | None = None,
     timings: dict[str, float] | None = None,
+    uncertainty: np.ndarray | None = None,
 ) -> Volume:
     """Segment one case: channels on one grid in, uint8 labels on exactly the same grid out.
 
@@ -612,6 +630,9 @@ def segment_volumes(
         should_cancel: polled between batches and slabs; True raises :class:`errors.CancelledError`.
         timings: when given, filled with seconds for ``preprocess``, ``model`` (inside
             ``predict`` only), ``stitch`` (blending, mapping back, argmax) and ``postprocess``.
+        uncertainty: when given, a uint8 ``(z, y, x)`` array of the first volume's shape that is
+            filled with the uncertainty map (:mod:`uncertainty`: 0 certain … 255 maximal), made
+            in the same streamed pass as the labels (before post-processing).
 
     Returns:
         A uint8 ``(z, y, x)`` label :class:`Volume` with the first volume's shape, spacing, origin
@@ -621,6 +642,11 @@ def segment_volumes(
     if not isinstance(options, SegmentOptions):
         raise TypeError(f"options must be SegmentOptions or None, got {type(options).__name__}")
     _check_inputs(volumes, card)
+    if uncertainty is not None:
+        if not isinstance(uncertainty, np.ndarray) or uncertainty.dtype != np.uint8:
+            raise TypeError(f"uncertainty must be a uint8 numpy array or None, got {type(uncertainty).__name__}")
+        if uncertainty.shape != np.asarray(volumes[0].array).shape:
+            raise ValueError(f"uncertainty has shape {uncertainty.shape}, the input {np.asarray(volumes[0].array).shape}")
     network = getattr(predict, "predict", predict)
     if not callable(network):
         raise TypeError(f"predict must be callable or have a .predict method, got {type(predict).__name__}")
@@ -651,8 +677,10 @@ def segment_volumes(
         _report(progress, PREPROCESS, len(volumes), len(volumes))
 
     segment = _segment_2d if mode == "2d" else _segment_3d
+    uncertainty_view = None if uncertainty is None else reorientation.to_canonical(uncertainty)
     components = segment(
-        views, labels_view, spacing_zyx, card, specs, stats, decide, tracked, clock, options, batch_size, progress, should_cancel
+        views, labels_view, spacing_zyx, card, specs, stats, decide, tracked, clock, options, batch_size, progress, should_cancel,
+        uncertainty_view,
     )
     _report(progress, STITCH, 1, 1)
 

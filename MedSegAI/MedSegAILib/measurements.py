@@ -21,13 +21,15 @@ from .image import Volume
 from .imageio import atomic_output, full_suffix
 from .labels import label_entries
 
-__all__ = ["compute_measurements", "write_measurements", "max_feret_diameter", "CSV_COLUMNS"]
+__all__ = ["compute_measurements", "write_measurements", "max_feret_diameter", "CSV_COLUMNS", "UNCERTAINTY_COLUMNS"]
 
 CSV_COLUMNS = (
     "name", "value", "voxel_count", "volume_ml", "max_diameter_mm",
     "bbox_i_min", "bbox_j_min", "bbox_k_min", "bbox_i_max", "bbox_j_max", "bbox_k_max",
     "bbox_x_min_mm", "bbox_y_min_mm", "bbox_z_min_mm", "bbox_x_max_mm", "bbox_y_max_mm", "bbox_z_max_mm",
 )  # fmt: skip
+# Added after CSV_COLUMNS when the rows carry them (``segment --uncertainty``, :mod:`uncertainty`).
+UNCERTAINTY_COLUMNS = ("mean_uncertainty", "uncertain_ml_near")
 _BRUTE_FORCE_POINTS = 2000
 _PAIR_BLOCK = 2048
 
@@ -167,6 +169,9 @@ def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
         flat[column] = None if value is None else round(float(value), 3)
     flat["volume_ml"] = round(float(flat["volume_ml"]), 4)
     flat["max_diameter_mm"] = round(float(flat["max_diameter_mm"]), 3)
+    for column in UNCERTAINTY_COLUMNS:
+        if column in row:
+            flat[column] = row[column]
     return flat
 
 
@@ -175,7 +180,8 @@ def write_measurements(path: str | os.PathLike, rows: list[dict[str, Any]], over
 
     JSON is the list of rows as :func:`compute_measurements` returns them.
 
-    CSV columns are :data:`CSV_COLUMNS` (bounding boxes flattened; empty cells for empty labels).
+    CSV columns are :data:`CSV_COLUMNS` (bounding boxes flattened; empty cells for empty labels),
+    then :data:`UNCERTAINTY_COLUMNS` when the rows carry them.
 
     Raises:
         MedSegAIInputError: the suffix is neither ``.csv`` nor ``.json``, or the file exists and
@@ -190,7 +196,8 @@ def write_measurements(path: str | os.PathLike, rows: list[dict[str, Any]], over
             temp.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
         else:
             with open(temp, "w", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(CSV_COLUMNS))
+                extra = [c for c in UNCERTAINTY_COLUMNS if any(c in row for row in rows)]
+                writer = csv.DictWriter(handle, fieldnames=list(CSV_COLUMNS) + extra)
                 writer.writeheader()
                 for row in rows:
                     writer.writerow(_csv_row(row))

@@ -40,6 +40,11 @@ __all__ = [
     "place_in_study",
     "measurements_table_node",
     "MEASUREMENT_COLUMNS",
+    "uncertainty_color_node",
+    "set_uncertainty_volume_node",
+    "show_in_foreground",
+    "jump_slices_to",
+    "select_segment_in_editor",
 ]
 
 # (column title, key in a measurements row, VTK array kind)
@@ -443,3 +448,195 @@ def measurements_table_node(scene: Any, rows: Sequence[Mapping[str, Any]], name:
     finally:
         table_node.EndModify(was_modifying)
     return table_node
+
+
+# --------------------------------------------------------------------------------------------
+# Uncertainty overlay and review (the Next uncertain region button)
+# --------------------------------------------------------------------------------------------
+
+UNCERTAINTY_COLOR_NODE_NAME = "MedSegAI uncertainty"
+# Attribute marking the colour table and the volume nodes MedSegAI made for uncertainty maps.
+UNCERTAINTY_ATTRIBUTE = "MedSegAI.Uncertainty"
+# Singleton tag of the Segment Editor module's parameter node (Modules/Scripted/SegmentEditor/SegmentEditor.py).
+SEGMENT_EDITOR_SINGLETON_TAG = "SegmentEditor"
+
+
+def _hot(value: int) -> tuple[float, float, float]:
+    """Black-body "hot" ramp: black -> red -> yellow -> white over 0..255."""
+    t = value / 255.0
+    return (min(1.0, 3.0 * t), min(1.0, max(0.0, 3.0 * t - 1.0)), min(1.0, max(0.0, 3.0 * t - 2.0)))
+
+
+def uncertainty_color_node(scene: Any) -> Any:
+    """The scene's uncertainty colour table (created once): 256 entries, hot ramp, entry 0 transparent.
+
+    A slice view shows a voxel only where the table's alpha is not 0 (Slicer ANDs the table's
+    alpha with the display threshold), so certain voxels (0) never cover the image.
+    """
+    import slicer
+
+    if scene is None:
+        raise ValueError("scene must be a vtkMRMLScene, got None")
+    nodes = scene.GetNodesByClass("vtkMRMLColorTableNode")
+    for index in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(index)
+        if node.GetAttribute(UNCERTAINTY_ATTRIBUTE) == "color":
+            return node
+    node = slicer.vtkMRMLColorTableNode()
+    node.SetName(UNCERTAINTY_COLOR_NODE_NAME)
+    node.SetTypeToUser()
+    node.SetNumberOfColors(256)
+    for value in range(256):
+        red, green, blue = _hot(value)
+        node.SetColor(value, f"uncertainty {value}", red, green, blue, 0.0 if value == 0 else 1.0)
+    node.SetAttribute(UNCERTAINTY_ATTRIBUTE, "color")
+    node.SetHideFromEditors(False)
+    scene.AddNode(node)
+    return node
+
+
+def set_uncertainty_volume_node(scene: Any, uncertainty: Volume, reference_volume_node: Any, name: str | None = None,
+                                node: Any = None, display_minimum: int = 1) -> Any:
+    """Put a uint8 uncertainty map into a scalar volume node with the reference volume's geometry.
+
+    The node's IJK-to-RAS matrix is copied from ``reference_volume_node`` (spacing, origin and
+    directions, bit for bit), after checking that the map lies on that grid; its display uses
+    :func:`uncertainty_color_node` with the full 0..255 window, and hides voxels below
+    ``display_minimum``.
+
+    Args:
+        scene: the ``vtkMRMLScene``.
+        uncertainty: the map, uint8 ``(z, y, x)`` (0 certain … 255 maximal) with LPS geometry.
+        reference_volume_node: the input volume node it was computed on.
+        name: name of a new node (default ``"<input name> uncertainty"``).
+        node: an existing scalar volume node to refill instead of creating one.
+        display_minimum: smallest map value shown (1..255).
+
+    Returns:
+        The volume node.
+
+    Raises:
+        MedSegAIInputError: the map is not on the reference volume's grid.
+        ValueError, TypeError: bad arguments.
+    """
+    import vtk
+
+    if scene is None:
+        raise ValueError("scene must be a vtkMRMLScene, got None")
+    if not isinstance(uncertainty, Volume) or uncertainty.array.ndim != 3:
+        raise TypeError(f"uncertainty must be a 3D Volume, got {type(uncertainty).__name__}")
+    if uncertainty.array.dtype != np.uint8:
+        raise TypeError(f"uncertainty must be uint8 (0 certain .. 255 maximal), got {uncertainty.array.dtype}")
+    if not 1 <= int(display_minimum) <= 255:
+        raise ValueError(f"display_minimum must be in 1..255, got {display_minimum}")
+    reference = volume_from_node(reference_volume_node, "the reference volume", copy=False)
+    if not uncertainty.same_grid(reference):
+        raise MedSegAIInputError(
+            f"The uncertainty map ({uncertainty.geometry_description()}) is not on the grid of "
+            f"{_node_label(reference_volume_node)} ({reference.geometry_description()}); segment that volume again."
+        )
+    if node is None or node.GetScene() is not scene:
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or f"{reference_volume_node.GetName()} uncertainty")
+    matrix = vtk.vtkMatrix4x4()
+    reference_volume_node.GetIJKToRASMatrix(matrix)
+    node.SetIJKToRASMatrix(matrix)
+    node.SetAndObserveImageData(_image_data_from_array(uncertainty.array))
+    node.SetAttribute(UNCERTAINTY_ATTRIBUTE, "map")
+    transform = reference_volume_node.GetParentTransformNode()
+    node.SetAndObserveTransformNodeID(transform.GetID() if transform is not None else None)
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    was_modifying = display.StartModify()
+    try:
+        display.SetAndObserveColorNodeID(uncertainty_color_node(scene).GetID())
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(0.0, 255.0)
+        display.AutoThresholdOff()
+        display.SetThreshold(float(display_minimum), 255.0)
+        display.ApplyThresholdOn()
+        display.SetInterpolate(False)
+    finally:
+        display.EndModify(was_modifying)
+    return node
+
+
+def show_in_foreground(scene: Any, volume_node: Any, opacity: float | None = None, shown: bool = True) -> int:
+    """Show (or take away) a volume as the foreground layer of every slice view.
+
+    Args:
+        scene: the ``vtkMRMLScene`` (its ``vtkMRMLSliceCompositeNode`` nodes are the slice views).
+        volume_node: the volume to show; with ``shown=False`` it is removed from the views showing it.
+        opacity: foreground opacity in [0, 1]; None keeps each view's.
+        shown: False removes it instead.
+
+    Returns:
+        The number of slice views changed.
+    """
+    if scene is None:
+        raise ValueError("scene must be a vtkMRMLScene, got None")
+    if opacity is not None and not 0.0 <= float(opacity) <= 1.0:
+        raise ValueError(f"opacity must be in [0, 1], got {opacity}")
+    node_id = volume_node.GetID() if volume_node is not None else None
+    changed = 0
+    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    for index in range(composites.GetNumberOfItems()):
+        composite = composites.GetItemAsObject(index)
+        if shown and node_id:
+            composite.SetForegroundVolumeID(node_id)
+            if opacity is not None:
+                composite.SetForegroundOpacity(float(opacity))
+            changed += 1
+        elif node_id and composite.GetForegroundVolumeID() == node_id:
+            composite.SetForegroundVolumeID(None)
+            changed += 1
+    return changed
+
+
+def jump_slices_to(scene: Any, ras: Sequence[float]) -> int:
+    """Centre every slice view on a RAS point (``vtkMRMLSliceNode.JumpAllSlices``, centred mode).
+
+    Returns:
+        The number of slice views in the scene.
+    """
+    import slicer
+
+    if scene is None:
+        raise ValueError("scene must be a vtkMRMLScene, got None")
+    r, a, s = (float(v) for v in ras)
+    if not all(math.isfinite(v) for v in (r, a, s)):
+        raise ValueError(f"ras must be 3 finite numbers, got {tuple(ras)!r}")
+    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+    return scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")
+
+
+def select_segment_in_editor(scene: Any, segmentation_node: Any, segment_id: str | None, source_volume_node: Any = None) -> Any:
+    """Make ``segment_id`` of ``segmentation_node`` the segment selected in Segment Editor.
+
+    Uses the Segment Editor module's parameter node (singleton tag ``"SegmentEditor"``), created as
+    that module creates it when it does not exist yet, and points it at the segmentation (and the
+    source volume, when given) first.
+
+    Returns:
+        The ``vtkMRMLSegmentEditorNode``.
+    """
+    if scene is None or segmentation_node is None:
+        raise ValueError("scene and segmentation_node are needed")
+    if segment_id and segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+        raise MedSegAIInputError(f"{_node_label(segmentation_node)} has no segment {segment_id!r} any more; segment again.")
+    import slicer
+
+    editor = scene.GetSingletonNode(SEGMENT_EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
+    if editor is None:
+        editor = slicer.vtkMRMLSegmentEditorNode()
+        editor.SetSingletonTag(SEGMENT_EDITOR_SINGLETON_TAG)
+        editor = scene.AddNode(editor)
+    if editor.GetSegmentationNode() is not segmentation_node:
+        editor.SetAndObserveSegmentationNode(segmentation_node)
+    if source_volume_node is not None:
+        if hasattr(editor, "SetAndObserveSourceVolumeNode"):
+            if editor.GetSourceVolumeNode() is not source_volume_node:
+                editor.SetAndObserveSourceVolumeNode(source_volume_node)
+        elif editor.GetMasterVolumeNode() is not source_volume_node:
+            editor.SetAndObserveMasterVolumeNode(source_volume_node)
+    editor.SetSelectedSegmentID(segment_id or None)
+    return editor

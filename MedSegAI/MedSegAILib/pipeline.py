@@ -16,7 +16,7 @@ from .image import Volume
 from .modelcard import ModelCard, find_model
 from .protocol import READ, WRITE
 
-__all__ = ["SegmentationResult", "output_kind", "segment_case", "run_segmentation"]
+__all__ = ["SegmentationResult", "check_uncertainty_path", "output_kind", "segment_case", "run_segmentation"]
 
 ProgressCallback = Callable[[str, int, int, str], None]
 LABELMAP_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha", ".mhd")
@@ -35,6 +35,8 @@ class SegmentationResult:
     dicom_seg: Path | None = None
     measurements: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    uncertainty: Volume | None = None
+    uncertainty_path: Path | None = None
 
 
 def output_kind(path: str | Path) -> str:
@@ -56,6 +58,28 @@ def output_kind(path: str | Path) -> str:
     )
 
 
+def check_uncertainty_path(path: str | Path, overwrite: bool, others: Sequence[Path | None] = ()) -> Path:
+    """The ``--uncertainty`` output checked before any work: an image suffix, free (or ``overwrite``), not another output.
+
+    Raises:
+        MedSegAIInputError: what is wrong and what to do.
+    """
+    path = Path(path).expanduser()
+    name = path.name.lower()
+    if name.endswith((".seg.nrrd", DICOM_SEG_SUFFIX)) or not name.endswith(LABELMAP_SUFFIXES):
+        raise MedSegAIInputError(
+            f"the uncertainty map '{path.name}' must be an image file ending with {', '.join(LABELMAP_SUFFIXES)} "
+            f"(not .seg.nrrd or .dcm); choose such a name."
+        )
+    for other in others:
+        if other is not None and other.resolve() == path.resolve():
+            raise MedSegAIInputError(f"the uncertainty map and another output are the same file ({path.name}); give it its own name.")
+    if path.exists() and not overwrite:
+        raise MedSegAIInputError(f"{path} already exists; choose another --uncertainty name or pass --overwrite.")
+    _check_output_free(path, overwrite)
+    return path
+
+
 def _check_output_free(path: Path | None, overwrite: bool) -> None:
     if path is not None and path.exists() and not overwrite:
         raise MedSegAIInputError(f"{path} already exists; choose another output name or pass --overwrite.")
@@ -74,6 +98,7 @@ def segment_case(
     timings: dict[str, float] | None = None,
     predictor: object | None = None,
     sources: Sequence[str] | None = None,
+    uncertainty: "np.ndarray | None" = None,
 ) -> tuple[Volume, ModelCard]:
     """Segment already-loaded channel volumes.
 
@@ -88,6 +113,8 @@ def segment_case(
         timings: filled with seconds per stage (``model_load`` plus the engine's stages).
         predictor: an already-loaded predictor for this card (skips loading).
         sources: what to call each input in error messages (e.g. its file name).
+        uncertainty: a uint8 ``(z, y, x)`` array of the first volume's shape, filled with the
+            uncertainty map (:mod:`MedSegAILib.uncertainty`; 0 certain … 255 maximal).
 
     Returns:
         ``(labels, card)``: uint8 labels on exactly the first volume's grid, and the model card.
@@ -111,6 +138,7 @@ def segment_case(
         progress=progress,
         should_cancel=should_cancel,
         timings=timings,
+        uncertainty=uncertainty,
     )
     return labels, card
 
@@ -130,6 +158,7 @@ def run_segmentation(
     dicom_seg: str | Path | None = None,
     report: str | Path | None = None,
     report_identify: bool = False,
+    uncertainty: str | Path | None = None,
 ) -> SegmentationResult:
     """Read input files, segment them, write the output (and measurements). What ``medsegai segment`` does.
 
@@ -139,6 +168,9 @@ def run_segmentation(
         dicom_seg: also write a DICOM SEG here (the first input must then be a DICOM folder).
         report: also write the one-page PDF case report here (:func:`MedSegAILib.report.write_case_report`).
         report_identify: put the DICOM input's patient name, id and birth date into the report.
+        uncertainty: also write the uint8 uncertainty map here (``.nrrd``/``.nii.gz``/...: on the
+            first input's exact grid; 0 certain … 255 maximal, :mod:`MedSegAILib.uncertainty`);
+            the measurements then gain ``mean_uncertainty`` and ``uncertain_ml_near``.
 
     Raises:
         MedSegAIInputError: any problem with the inputs, the model or the output paths; raised
@@ -188,6 +220,9 @@ def run_segmentation(
         report_path = check_report_path(report, overwrite)
     elif report_identify:
         raise MedSegAIInputError("--report-identify needs --report FILE.pdf; add the report path or drop --report-identify.")
+    uncertainty_path = None
+    if uncertainty:
+        uncertainty_path = check_uncertainty_path(uncertainty, overwrite, (output, dicom_seg, measurements_path))
     card = find_model(model)
     if len(inputs) != len(card.channels):
         raise MedSegAIInputError(
@@ -215,10 +250,17 @@ def run_segmentation(
     predictor = load_predictor(card, backend=backend, device=device)
     timings["model_load"] = time.perf_counter() - start
 
+    uncertainty_array = None
+    if uncertainty_path is not None:
+        import numpy as np
+
+        uncertainty_array = np.zeros(np.asarray(volumes[0].array).shape, dtype=np.uint8)
     labels, card = segment_case(
         volumes, card, options=options, progress=progress, should_cancel=should_cancel,
         timings=timings, predictor=predictor, sources=[Path(path).name for path in inputs],
+        uncertainty=uncertainty_array,
     )
+    uncertainty_volume = labels.with_array(uncertainty_array) if uncertainty_array is not None else None
 
     start = time.perf_counter()
     name = (output or dicom_seg).name  # type: ignore[union-attr]
@@ -236,6 +278,8 @@ def run_segmentation(
             written.append(write_segmentation(output, labels, labels_spec, overwrite=overwrite))
         elif kind == "labelmap":
             written.append(write_volume(output, labels, overwrite=overwrite))
+        if uncertainty_volume is not None:
+            written.append(write_volume(uncertainty_path, uncertainty_volume, overwrite=overwrite))
         if seg_dataset is not None:
             from .dicomseg import write_dicom_seg
 
@@ -243,6 +287,10 @@ def run_segmentation(
         rows: list[dict] = []
         if measurements_path is not None or report_path is not None:
             rows = compute_measurements(labels, labels_spec)
+            if uncertainty_volume is not None:
+                from .uncertainty import uncertainty_measurements
+
+                uncertainty_measurements(labels, uncertainty_volume, rows, card.num_classes)
         if measurements_path is not None:
             written.append(write_measurements(measurements_path, rows, overwrite=overwrite))
         if report_path is not None:
@@ -263,4 +311,5 @@ def run_segmentation(
     return SegmentationResult(
         labels=labels, card=card, backend=predictor.name, device=predictor.device,
         output=output, dicom_seg=dicom_seg, measurements=rows, timings=timings,
+        uncertainty=uncertainty_volume, uncertainty_path=uncertainty_path,
     )

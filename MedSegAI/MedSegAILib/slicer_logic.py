@@ -85,6 +85,8 @@ class EngineOptions:
         fill_holes: fill holes in each label; None = model default.
         min_island_mm3: remove islands smaller than this; None = model default.
         python_executable: the engine's Python; None/"" = Slicer's own (or this interpreter).
+        uncertainty: also compute the uncertainty map (``segment --uncertainty``); the result's
+            ``uncertainty`` is then a uint8 Volume on the first input's grid (0 certain … 255 maximal).
     """
 
     device: str = "auto"
@@ -97,6 +99,7 @@ class EngineOptions:
     fill_holes: bool | None = None
     min_island_mm3: float | None = None
     python_executable: str | None = None
+    uncertainty: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad option."""
@@ -164,6 +167,9 @@ class SegmentationResult:
         card: the model card used.
         segment_ids: ids of the label segments, in label order.
         seconds: wall time of the run.
+        uncertainty: with ``EngineOptions.uncertainty``, the uint8 uncertainty map (``(z, y, x)``
+            on the first input's grid, 0 certain … 255 maximal; read before the temporary folder
+            goes, so it is a Volume, not a path), else None. Not added to the scene here.
     """
 
     segmentation_node: Any
@@ -173,6 +179,7 @@ class SegmentationResult:
     card: Any
     segment_ids: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    uncertainty: Volume | None = None
 
 
 def _write_input(path: Path, volume: Volume) -> None:
@@ -221,6 +228,7 @@ class SegmentationRun(EngineProcess):
         self.python_executable = ""
         self.labels_path: Path | None = None
         self.measurements_path: Path | None = None
+        self.uncertainty_path: Path | None = None
 
     def prepare(self) -> None:
         """Validate model, options and inputs (no files written, nothing started)."""
@@ -267,6 +275,9 @@ class SegmentationRun(EngineProcess):
                 "-o", str(self.labels_path), "--model", str(self.card.folder), "--progress", "json",
                 "--measurements", str(self.measurements_path), *self.options.cli_arguments(),
             ]
+            if self.options.uncertainty:
+                self.uncertainty_path = self.temp_dir / "uncertainty.nrrd"
+                command += ["--uncertainty", str(self.uncertainty_path)]
             self._launch(command, engine_environment(self.options.python_executable), cwd=str(self.temp_dir))
         except BaseException:
             self.cleanup()
@@ -299,13 +310,28 @@ class SegmentationRun(EngineProcess):
                     f"({reference_volume.geometry_description()}); report this problem."
                 )
             labels = reference_volume.with_array(np.asarray(labels.array).astype(np.uint8, copy=False))
+            uncertainty = self._read_uncertainty(reference_volume)
             rows = self._read_measurements()
             scene = scene or self.volume_nodes[0].GetScene()
             result = self._fill_scene(scene, labels, rows)
+            result.uncertainty = uncertainty
         finally:
             self.cleanup()
         result.seconds = time.monotonic() - self.start_time
         return result
+
+    def _read_uncertainty(self, reference_volume: Volume) -> Volume | None:
+        if self.uncertainty_path is None:
+            return None
+        if not self.uncertainty_path.is_file():
+            raise EngineFailedError("The engine finished without writing the uncertainty map; see the log and run it again.")
+        uncertainty = _read_labels(self.uncertainty_path)
+        if not uncertainty.same_grid(reference_volume):
+            raise EngineFailedError(
+                f"The uncertainty map ({uncertainty.geometry_description()}) is not on the input grid "
+                f"({reference_volume.geometry_description()}); report this problem."
+            )
+        return reference_volume.with_array(np.asarray(uncertainty.array).astype(np.uint8, copy=False))
 
     def _read_measurements(self) -> list[dict[str, Any]]:
         if self.measurements_path is None or not self.measurements_path.is_file():

@@ -448,3 +448,22 @@ def test_setup_survives_errors_of_the_model_list(tree: ast.Module) -> None:
     """tryWithErrorDisplay re-raises: setup() must go on so the panel opens even if listing models fails."""
     source = ast.unparse(_method(tree, "populateModels"))
     assert source.index("try:") < source.index("tryWithErrorDisplay") and "except Exception" in source
+
+
+def test_uncertainty_review_is_wired_through_the_logic(tree: ast.Module) -> None:
+    """Show uncertainty asks the engine for the map; each finished Segment hands its result to the review
+    (which starts the region list over); Next is off while segmenting; Rank cancels like Segment."""
+    logic = _class(tree, "MedSegAILogic")
+    methods = {n.name: ast.unparse(n) for n in logic.body if isinstance(n, ast.FunctionDef)}
+    assert "uncertainty=parameterNode.showUncertainty" in methods["engineOptions"]
+    finish = methods["finishSegmentation"]
+    assert finish.index("run.finish(") < finish.index("self.uncertaintyReview.load_result(self.lastResult)")
+    assert "next_region(start_over=True)" in methods["nextUncertainRegion"]
+    buttons = ast.unparse(_method(tree, "updateButtons"))
+    assert "self.ui.nextUncertainRegionButton.enabled = self._canVisitRegions and (not segmenting)" in buttons
+    rank = ast.unparse(_method(tree, "onRankVolumesButton"))
+    assert rank.index("self._rankRun.cancel()") < rank.index("tryWithErrorDisplay")
+    close = ast.unparse(_method(tree, "onSceneStartClose"))
+    assert "self._rankRun.cancel()" in close and "self._rankRun = None" in close
+    tick = ast.unparse(_method(tree, "onPollTimer"))
+    assert "(self._rankRun, 'rank')" in tick and "self._rankRun)" in tick

@@ -120,8 +120,14 @@ def test_round_trip_keeps_oblique_and_flipped_geometry(scene, ct: Volume, analyt
     else:
         volume = Volume(ct.array, ct.spacing, ct.origin, ct.direction @ np.diag([-1.0, 1.0, 1.0]))
     node = mrml.add_volume_node(scene, volume, variant)
-    result = slicer_logic.run_segmentation_blocking([node], str(analytic_model_dir), options=_cpu_onnx(), timeout=ENGINE_TIMEOUT)
+    options = slicer_logic.EngineOptions(device="cpu", backend="onnx", uncertainty=True)
+    result = slicer_logic.run_segmentation_blocking([node], str(analytic_model_dir), options=options, timeout=ENGINE_TIMEOUT)
     _assert_bone_segmentation(result, node, volume)
+    # the uncertainty map comes back as a Volume on the input's exact grid (integer HU sit >= 0.5 HU
+    # from the threshold, where the ramp of slope 20 is certain: p = 4.5e-5, map value 0)
+    assert result.uncertainty is not None and result.uncertainty.same_grid(volume)
+    assert result.uncertainty.array.dtype == np.uint8 and not result.uncertainty.array.any()
+    assert "mean_uncertainty" in result.measurements[0]
 
 
 def test_output_goes_into_a_given_segmentation_node_and_the_study(scene, ct: Volume, analytic_model_dir: Path) -> None:
