@@ -26,18 +26,23 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from . import mrml
-from .engine_process import EngineFailedError, EngineProcess, check_python_executable, engine_environment
+from .engine_process import (
+    EngineFailedError,
+    EngineProcess,
+    check_python_executable,
+    engine_environment,
+)
 from .errors import MedSegAIInputError
 from .image import Volume
-from .uncertainty import uncertain_level
 from .uncertain_regions import DEFAULT_THRESHOLD, Region, RegionVisits, rank_regions
+from .uncertainty import uncertain_level
 
-__all__ = ["UncertaintyReview", "RankRun", "RankedCase", "read_ranking", "rankable_volume_nodes", "ranking_text"]
+__all__ = ["RankRun", "RankedCase", "UncertaintyReview", "rankable_volume_nodes", "ranking_text", "read_ranking"]
 
 
 def _ijk_to_ras(node: Any) -> np.ndarray:
@@ -357,7 +362,7 @@ class RankRun(EngineProcess):
     """
 
     # overall progress = cases read / cases (``medsegai rank`` reports stage "read" once per case)
-    stage_weights = {"read": 1.0}
+    stage_weights: ClassVar[dict[str, float]] = {"read": 1.0}
 
     def __init__(self, volume_nodes: Sequence[Any], model: Any, options: Any = None,
                  temp_root: str | os.PathLike[str] | None = None) -> None:
@@ -370,7 +375,7 @@ class RankRun(EngineProcess):
         self.files: dict[str, Any] = {}
         self.ranking_path: Path | None = None
 
-    def start(self) -> "RankRun":
+    def start(self) -> RankRun:
         """Validate, write each volume to a temporary file and start ``medsegai rank``; returns self."""
         from .slicer_logic import EngineOptions, resolve_model
 
