@@ -164,6 +164,7 @@ def test_order_is_deterministic_and_a_new_segmentation_resets_the_list(ct: Volum
     nodes_before = scene.GetNumberOfNodes()
     fresh = review.load_result(Result)
     assert review.volume_node is map_node and scene.GetNumberOfNodes() == nodes_before
+    assert map_node.GetName() == "CT uncertainty"
     assert np.array_equal(slicer.util.arrayFromVolume(map_node), changed)
     assert review.visits.visited == set() and review.visits.current is None
     assert review.counter_text() == f"{len(fresh)} uncertain regions" and fresh != regions
