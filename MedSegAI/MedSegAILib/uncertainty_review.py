@@ -289,8 +289,8 @@ class RankedCase:
 
 
 def rankable_volume_nodes(scene: Any) -> list[Any]:
-    """The scene's grey-value volumes, in scene order: scalar volumes that are neither label maps nor
-    MedSegAI's uncertainty maps."""
+    """The scene's grey-value volumes, in scene order: single-component 3D scalar volumes that are
+    neither label maps nor MedSegAI's uncertainty maps."""
     if scene is None:
         raise ValueError("scene must be a vtkMRMLScene, got None")
     nodes = []
@@ -299,6 +299,9 @@ def rankable_volume_nodes(scene: Any) -> list[Any]:
         node = collection.GetItemAsObject(index)
         if node.IsA("vtkMRMLLabelMapVolumeNode") or node.GetAttribute(mrml.UNCERTAINTY_ATTRIBUTE):
             continue
+        image = node.GetImageData()
+        if image is None or image.GetNumberOfScalarComponents() != 1 or min(image.GetDimensions()) < 2:
+            continue  # no voxels, colour/vector/4D data or 2D: not a case the model can take
         nodes.append(node)
     return nodes
 

@@ -256,6 +256,8 @@ def test_rank_loaded_volumes_orders_by_expected_error(analytic_model_dir: Path) 
     mrml.add_volume_node(scene, _small_case(0).with_array(np.zeros((6, 24, 24), np.uint8)), "labels", labelmap=True)
     mrml.set_uncertainty_volume_node(scene, _small_case(0).with_array(np.zeros((6, 24, 24), np.uint8)),
                                      scene.GetFirstNodeByName("calm"))
+    scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    mrml.add_volume_node(scene, Volume(np.ones((1, 24, 24), np.float32)), "2D")
     volumes = rankable_volume_nodes(scene)
     assert [node.GetName() for node in volumes] == ["calm", "worst", "some"]
     before = scene.GetNumberOfNodes()
