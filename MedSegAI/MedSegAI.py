@@ -243,7 +243,7 @@ class MedSegAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneEndClose(self, caller, event) -> None:
         self._canVisitRegions = False  # the map node went with the scene
-        self.ui.uncertainRegionLabel.text = "Check Show uncertainty, then Segment."
+        self.ui.uncertainRegionLabel.text = "No uncertainty map yet: Segment with Show uncertainty checked."
         if self.parent.isEntered:
             self.initializeParameterNode()
 
@@ -845,7 +845,7 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
 
     def uncertaintyCounterText(self) -> str:
         if not self.uncertaintyReview.has_map:
-            return "Check Show uncertainty, then Segment."
+            return "No uncertainty map yet: Segment with Show uncertainty checked."
         return self.uncertaintyReview.counter_text()
 
     def nextUncertainRegion(self) -> str:

@@ -265,22 +265,37 @@ def measure_case(case: dict[str, Any], predictor: Any, card: Any) -> dict[str, A
         figures["score"] = case_score(labels_volume, images[0].with_array(score), card.num_classes).__dict__
         figures["score"]["mean_map"] = round(float(score.mean()) / 255, 6)
         figures["score"]["uncertain_fraction"] = round(float((score >= level).mean()), 6)
+        for split in REGION_SPLITS[1:]:
+            sweep_level = uncertain_level(card.num_classes, split)
+            uncertain = int(np.count_nonzero(score >= sweep_level))
+            foreground = int(np.count_nonzero(labels))
+            figures["score"][f"expected_error@{split}"] = round(uncertain / max(1, uncertain + foreground), 6)
         row[name] = figures
     return row
 
 
 # ---------------------------------------------------------------- cost
+# A small launcher process runs the command: a child forked straight from this (large) process would
+# report this process's peak RSS as its own (Linux carries the high-water mark across fork + exec).
+_LAUNCHER = """
+import json, os, subprocess, sys, time
+started = time.perf_counter()
+process = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(process.pid, 0)
+print(json.dumps({"seconds": time.perf_counter() - started, "peak_mb": usage.ru_maxrss / 1024,
+                  "code": os.waitstatus_to_exitcode(status), "stderr": process.stderr.read().decode()[-500:]}))
+"""
+
+
 def _child(command: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one child process."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT / "MedSegAI"), str(REPO_ROOT / "training"), env.get("PYTHONPATH", "")])
-    started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(command)} failed: {process.stderr.read().decode()[-500:]}")
-    return round(seconds, 2), round(usage.ru_maxrss / 1024, 1)
+    result = json.loads(subprocess.run([sys.executable, "-c", _LAUNCHER, *command], env=env, check=True,
+                                       capture_output=True, text=True).stdout)
+    if result["code"] != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {result['stderr']}")
+    return round(result["seconds"], 2), round(result["peak_mb"], 1)
 
 
 def measure_cost(inputs: list[str], model: str, label: str, repeats: int) -> dict[str, Any]:
@@ -310,7 +325,8 @@ def spearman(rows: list[dict[str, Any]], group: str | None) -> dict[str, Any]:
     chosen = [r for r in rows if group is None or r["group"] == group]
     for name in MAPS:
         dices = [r[name]["dice"] for r in chosen]
-        for key in ("expected_error", "uncertain_ml", "mean_uncertainty", "mean_map", "uncertain_fraction"):
+        for key in ("expected_error", "uncertain_ml", "mean_uncertainty", "mean_map", "uncertain_fraction",
+                    *(f"expected_error@{split}" for split in REGION_SPLITS[1:])):
             scores = [r[name]["score"][key] for r in chosen]
             if len(chosen) < 3 or any(d is None for d in dices):
                 result[f"{name}:{key}"] = None
@@ -341,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="folder holding fold-<patient>/model brain fold models (bench_loop.py)")
     parser.add_argument("--only", choices=("brain", "ct"), default=None)
     parser.add_argument("--skip-cost", action="store_true")
+    parser.add_argument("--cost-only", action="store_true")
     parser.add_argument("--cost-slices", type=int, default=100, help="Z of the synthetic 512x512xZ CT for the cost run")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -350,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from MedSegAILib.modelcard import ModelCard
 
     cases = []
+    if args.cost_only:
+        args.only = "none"
     if args.only in (None, "brain"):
         cases += brain_cases(args.shared, args.folds if args.folds.is_dir() else None)
     if args.only in (None, "ct"):
@@ -372,9 +391,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.skip_cost:
         from _common import synthetic_ct
 
-        brain = [r for r in cases if r["group"] == "brain"]
         costs = []
-        if brain:
+        if args.only in (None, "brain", "none"):
             study = Path(args.shared) / "mr-brain-tumor" / "PGBM-003" / "1995-03-29"
             costs.append(measure_cost([str(study / f"{c}.nrrd") for c in ("T1post", "T1prereg", "FLAIR")],
                                       "mr-brain-tumor", "PGBM-003 1995-03-29 (3 channels)", args.repeats))

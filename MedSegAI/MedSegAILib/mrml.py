@@ -508,8 +508,8 @@ def set_uncertainty_volume_node(scene: Any, uncertainty: Volume, reference_volum
         scene: the ``vtkMRMLScene``.
         uncertainty: the map, uint8 ``(z, y, x)`` (0 certain … 255 maximal) with LPS geometry.
         reference_volume_node: the input volume node it was computed on.
-        name: name of a new node (default ``"<input name> uncertainty"``).
-        node: an existing scalar volume node to refill instead of creating one.
+        name: the node's name (default ``"<input name> uncertainty"``).
+        node: an existing scalar volume node to refill (and rename) instead of creating one.
         display_minimum: smallest map value shown (1..255).
 
     Returns:
@@ -535,8 +535,11 @@ def set_uncertainty_volume_node(scene: Any, uncertainty: Volume, reference_volum
             f"The uncertainty map ({uncertainty.geometry_description()}) is not on the grid of "
             f"{_node_label(reference_volume_node)} ({reference.geometry_description()}); segment that volume again."
         )
+    name = name or f"{reference_volume_node.GetName()} uncertainty"
     if node is None or node.GetScene() is not scene:
-        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name or f"{reference_volume_node.GetName()} uncertainty")
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    else:
+        node.SetName(name)
     matrix = vtk.vtkMatrix4x4()
     reference_volume_node.GetIJKToRASMatrix(matrix)
     node.SetIJKToRASMatrix(matrix)

@@ -71,8 +71,9 @@ def case_score(labels: Volume, uncertainty: Volume, num_classes: int) -> CaseSco
 
 def _find_channel(folder: Path, name: str) -> Path | None:
     matches = [entry for entry in sorted(folder.iterdir())
-               if entry.name == name and entry.is_dir()
-               or entry.is_file() and full_suffix(entry) in SUPPORTED_SUFFIXES and entry.name[: -len(full_suffix(entry))] == name]
+               if (entry.is_dir() and entry.name == name)
+               or (entry.is_file() and full_suffix(entry) in SUPPORTED_SUFFIXES
+                   and entry.name[: -len(full_suffix(entry))] == name)]
     return matches[0] if matches else None
 
 

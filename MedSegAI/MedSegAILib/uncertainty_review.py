@@ -26,18 +26,23 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from . import mrml
-from .engine_process import EngineFailedError, EngineProcess, check_python_executable, engine_environment
+from .engine_process import (
+    EngineFailedError,
+    EngineProcess,
+    check_python_executable,
+    engine_environment,
+)
 from .errors import MedSegAIInputError
 from .image import Volume
-from .uncertainty import uncertain_level
 from .uncertain_regions import DEFAULT_THRESHOLD, Region, RegionVisits, rank_regions
+from .uncertainty import uncertain_level
 
-__all__ = ["UncertaintyReview", "RankRun", "RankedCase", "read_ranking", "rankable_volume_nodes", "ranking_text"]
+__all__ = ["RankRun", "RankedCase", "UncertaintyReview", "rankable_volume_nodes", "ranking_text", "read_ranking"]
 
 
 def _ijk_to_ras(node: Any) -> np.ndarray:
@@ -284,8 +289,8 @@ class RankedCase:
 
 
 def rankable_volume_nodes(scene: Any) -> list[Any]:
-    """The scene's grey-value volumes, in scene order: scalar volumes that are neither label maps nor
-    MedSegAI's uncertainty maps."""
+    """The scene's grey-value volumes, in scene order: single-component 3D scalar volumes that are
+    neither label maps nor MedSegAI's uncertainty maps."""
     if scene is None:
         raise ValueError("scene must be a vtkMRMLScene, got None")
     nodes = []
@@ -294,6 +299,9 @@ def rankable_volume_nodes(scene: Any) -> list[Any]:
         node = collection.GetItemAsObject(index)
         if node.IsA("vtkMRMLLabelMapVolumeNode") or node.GetAttribute(mrml.UNCERTAINTY_ATTRIBUTE):
             continue
+        image = node.GetImageData()
+        if image is None or image.GetNumberOfScalarComponents() != 1 or min(image.GetDimensions()) < 2:
+            continue  # no voxels, colour/vector/4D data or 2D: not a case the model can take
         nodes.append(node)
     return nodes
 
@@ -357,7 +365,7 @@ class RankRun(EngineProcess):
     """
 
     # overall progress = cases read / cases (``medsegai rank`` reports stage "read" once per case)
-    stage_weights = {"read": 1.0}
+    stage_weights: ClassVar[dict[str, float]] = {"read": 1.0}
 
     def __init__(self, volume_nodes: Sequence[Any], model: Any, options: Any = None,
                  temp_root: str | os.PathLike[str] | None = None) -> None:
@@ -370,7 +378,7 @@ class RankRun(EngineProcess):
         self.files: dict[str, Any] = {}
         self.ranking_path: Path | None = None
 
-    def start(self) -> "RankRun":
+    def start(self) -> RankRun:
         """Validate, write each volume to a temporary file and start ``medsegai rank``; returns self."""
         from .slicer_logic import EngineOptions, resolve_model
 

@@ -26,7 +26,7 @@ def _boxes_map(shape: tuple[int, int, int]) -> tuple[np.ndarray, list[tuple[slic
 
 
 def test_order_volume_then_uncertainty_then_position_and_deterministic() -> None:
-    uncertainty, boxes = _boxes_map((20, 16, 24))
+    uncertainty, _ = _boxes_map((20, 16, 24))
     regions = rank_regions(uncertainty, None, (1.0, 2.0, 0.5))
     assert [r.voxel_count for r in regions] == [64, 27, 27, 8, 1]
     # the two 27-voxel blocks: the more uncertain (255) first
@@ -123,9 +123,8 @@ def test_visits_count_next_and_reset() -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_labels_match_a_region_by_region_reference(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Vectorised inside/shell labels (and the large-region path) equal dilating each region on its own."""
-    from scipy import ndimage
-
     from MedSegAILib import uncertain_regions
+    from scipy import ndimage
 
     rng = np.random.default_rng(seed)
     labels = ndimage.zoom(rng.integers(0, 4, (4, 5, 5)), 4, order=0).astype(np.uint8)[:14, :17, :19]

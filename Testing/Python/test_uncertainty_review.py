@@ -16,12 +16,12 @@ import pytest
 slicer = pytest.importorskip("slicer")
 sitk = pytest.importorskip("SimpleITK")
 
-from MedSegAILib import mrml  # noqa: E402
-from MedSegAILib.errors import MedSegAIInputError  # noqa: E402
-from MedSegAILib.image import Volume  # noqa: E402
-from MedSegAILib.uncertainty import uncertain_level  # noqa: E402
-from MedSegAILib.uncertainty_review import UncertaintyReview  # noqa: E402
-from scipy import ndimage  # noqa: E402
+from MedSegAILib import mrml
+from MedSegAILib.errors import MedSegAIInputError
+from MedSegAILib.image import Volume
+from MedSegAILib.uncertainty import uncertain_level
+from MedSegAILib.uncertainty_review import UncertaintyReview
+from scipy import ndimage
 
 LIVER, SPLEEN, KIDNEY_RIGHT = 5, 1, 2
 VIEWS = (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal"))
@@ -97,7 +97,7 @@ def _loaded(ct: Volume, case, variant: str):
 
 @pytest.mark.parametrize("variant", ["axis-aligned", "left-right-flipped", "oblique"])
 def test_map_node_has_the_inputs_geometry_and_views_land_on_the_region(ct: Volume, case, variant: str) -> None:
-    labels, spec, uncertainty = case
+    uncertainty = case[2]
     scene, node, segmentation, segment_of, review, regions = _loaded(ct, case, variant)
     map_node = review.volume_node
     assert map_node.IsA("vtkMRMLScalarVolumeNode") and map_node is not node
@@ -132,7 +132,7 @@ def test_map_node_has_the_inputs_geometry_and_views_land_on_the_region(ct: Volum
             np.testing.assert_allclose(centre, region.centre_ras, atol=1e-6)
             i, j, k = (ras_to_ijk @ np.append(centre, 1.0))[:3]
             np.testing.assert_allclose((i, j, k), np.rint((i, j, k)), atol=1e-6)  # on a voxel centre
-            z, y, x = (int(round(v)) for v in (k, j, i))
+            z, y, x = (round(v) for v in (k, j, i))
             assert uncertainty[z, y, x] >= review.threshold_used
         editor = scene.GetSingletonNode(mrml.SEGMENT_EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
         assert editor.GetSegmentationNode() is segmentation and editor.GetSourceVolumeNode() is node
@@ -143,7 +143,7 @@ def test_map_node_has_the_inputs_geometry_and_views_land_on_the_region(ct: Volum
 
 def test_order_is_deterministic_and_a_new_segmentation_resets_the_list(ct: Volume, case) -> None:
     labels, spec, uncertainty = case
-    scene, node, segmentation, segment_of, review, regions = _loaded(ct, case, "axis-aligned")
+    scene, node, segmentation, _, review, regions = _loaded(ct, case, "axis-aligned")
     again = UncertaintyReview().load(ct.with_array(uncertainty.copy()), node, segmentation, spec, ct.with_array(labels.copy()))
     assert again == regions
     map_node = review.volume_node
@@ -164,6 +164,7 @@ def test_order_is_deterministic_and_a_new_segmentation_resets_the_list(ct: Volum
     nodes_before = scene.GetNumberOfNodes()
     fresh = review.load_result(Result)
     assert review.volume_node is map_node and scene.GetNumberOfNodes() == nodes_before
+    assert map_node.GetName() == "CT uncertainty"
     assert np.array_equal(slicer.util.arrayFromVolume(map_node), changed)
     assert review.visits.visited == set() and review.visits.current is None
     assert review.counter_text() == f"{len(fresh)} uncertain regions" and fresh != regions
@@ -243,7 +244,11 @@ def test_segment_with_uncertainty_then_next_region(analytic_model_dir: Path) -> 
 
 def test_rank_loaded_volumes_orders_by_expected_error(analytic_model_dir: Path) -> None:
     from MedSegAILib import slicer_logic
-    from MedSegAILib.uncertainty_review import RankRun, rankable_volume_nodes, ranking_text
+    from MedSegAILib.uncertainty_review import (
+        RankRun,
+        rankable_volume_nodes,
+        ranking_text,
+    )
 
     scene = slicer.vtkMRMLScene()
     for name, near in (("calm", 0), ("worst", 30), ("some", 6)):
@@ -251,6 +256,8 @@ def test_rank_loaded_volumes_orders_by_expected_error(analytic_model_dir: Path) 
     mrml.add_volume_node(scene, _small_case(0).with_array(np.zeros((6, 24, 24), np.uint8)), "labels", labelmap=True)
     mrml.set_uncertainty_volume_node(scene, _small_case(0).with_array(np.zeros((6, 24, 24), np.uint8)),
                                      scene.GetFirstNodeByName("calm"))
+    scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    mrml.add_volume_node(scene, Volume(np.ones((1, 24, 24), np.float32)), "2D")
     volumes = rankable_volume_nodes(scene)
     assert [node.GetName() for node in volumes] == ["calm", "worst", "some"]
     before = scene.GetNumberOfNodes()
@@ -277,7 +284,6 @@ def test_two_channel_model_reviews_on_the_first_channels_grid(tmp_path: Path) ->
     """A two-channel model (as the brain model): the map and the regions lie on the first channel's grid,
     whatever the second channel's grid."""
     from analytic_models import threshold_model_folder
-
     from MedSegAILib import slicer_logic
 
     model = threshold_model_folder(tmp_path / "two-channel", mode="2d", patch=[16, 16], backends=("onnx",),
