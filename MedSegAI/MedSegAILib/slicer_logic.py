@@ -85,6 +85,7 @@ class EngineOptions:
         fill_holes: fill holes in each label; None = model default.
         min_island_mm3: remove islands smaller than this; None = model default.
         python_executable: the engine's Python; None/"" = Slicer's own (or this interpreter).
+        precision: ``"auto"``, ``"fp32"`` or ``"int8"`` (the model folder's validated int8 file).
     """
 
     device: str = "auto"
@@ -97,6 +98,7 @@ class EngineOptions:
     fill_holes: bool | None = None
     min_island_mm3: float | None = None
     python_executable: str | None = None
+    precision: str = "auto"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad option."""
@@ -106,6 +108,8 @@ class EngineOptions:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if not 0 <= float(self.overlap) < 1:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap!r}")
+        if self.precision not in ("auto", "fp32", "int8"):
+            raise ValueError(f"precision must be auto, fp32 or int8, got {self.precision!r}")
         if self.batch_size is not None and int(self.batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size!r}")
         if self.min_island_mm3 is not None and float(self.min_island_mm3) < 0:
@@ -115,6 +119,8 @@ class EngineOptions:
         """The ``medsegai segment`` options for these settings."""
         self.validate()
         args = ["--device", self.device, "--backend", self.backend, "--overlap", repr(float(self.overlap))]
+        if self.precision != "auto":
+            args += ["--precision", self.precision]
         if self.tta:
             args.append("--tta")
         if self.batch_size:
