@@ -3,7 +3,7 @@
     python benchmarks/bench_int8.py --model MODEL_FOLDER [--input CT] [--repeat 3]
 
 MODEL_FOLDER must carry a validated int8 file (``medsegai quantize``). The input (default: the
-512×512×200 CT tiled from the shared DICOM series, ``_common.tiled_ct_512``; for a multi-channel
+512×512×200 CT of ``bench_inference.py``, ``_common.synthetic_ct``; for a multi-channel
 model pass one file per channel with repeated ``--input``) is read once; then fp32 and int8 segment
 it in turn, ``--repeat`` pairs, each timed from the loaded volumes to the labels (model load
 excluded) with the seconds spent inside the network added up apart. Prints medians and the
@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from _common import machine, median, print_report, tiled_ct_512
+from _common import machine, median, print_report, synthetic_ct
 
 
 class _Timed:
@@ -49,7 +49,7 @@ def main() -> int:
     from MedSegAILib.pipeline import segment_case
 
     card = find_model(args.model)
-    inputs = args.input or [str(tiled_ct_512())]
+    inputs = args.input or [str(synthetic_ct((512, 512, 200)))]
     volumes = [read_volume(path) for path in inputs]
     predictors = {p: _Timed(load_predictor(card, "onnx", "cpu", precision=p)) for p in ("fp32", "int8")}
     rows, labels = [], {}

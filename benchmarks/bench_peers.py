@@ -1,4 +1,4 @@
-"""MedSegAI side by side with MONAI and nnU-Net v2 inference: the same CT, file in to label file out.
+"""MedSegAI side by side with MONAI and nnU-Net v2 inference: the same CT, file in to label file out (uncompressed NIfTI).
 
     pip install -e .[bench]          # torch, monai, nnunetv2 (a separate venv is fine: --peer-python)
     python benchmarks/bench_peers.py [--input CT] [--repeat 2] [--widths 16 32] [--threads 2] \
@@ -163,8 +163,8 @@ def run_monai(input_path: str, output: str, base: int, threads: int) -> dict[str
         KeepLargestConnectedComponentd(keys="pred", applied_labels=list(range(1, NUM_CLASSES))),
         FillHolesd(keys="pred", applied_labels=[1, 2, 3, 4]),
         Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=True, to_tensor=True),
-        SaveImaged(keys="pred", output_dir=out_dir, output_postfix="", separate_folder=False, resample=False,
-                   output_dtype="uint8", print_log=False),
+        SaveImaged(keys="pred", output_dir=out_dir, output_postfix="", output_ext=".nii", separate_folder=False,
+                   resample=False, output_dtype="uint8", print_log=False),
     ])
     data = pre({"image": input_path})
     inferer = SliceInferer(roi_size=(ROI, ROI), sw_batch_size=BATCH, overlap=0.5, mode="gaussian", spatial_dim=2,
@@ -175,7 +175,7 @@ def run_monai(input_path: str, output: str, base: int, threads: int) -> dict[str
     data["pred"] = logits[0]
     del logits
     item = post(data)
-    written = [p for p in os.listdir(out_dir) if p.endswith(".nii.gz")]
+    written = [p for p in os.listdir(out_dir) if p.endswith(".nii")]  # a fresh folder: only this output
     os.replace(os.path.join(out_dir, written[0]), output)
     del item
     return {"end_to_end_s": time.perf_counter() - start, "model_s": clock.seconds, "ran": f"torch {torch.__version__}"}
@@ -192,7 +192,7 @@ def run_nnunet(input_path: str, output: str, base: int, threads: int) -> dict[st
     clock = _Clock(network.forward)
     network.forward = clock  # type: ignore[method-assign]
     labels = {"background": 0, **{f"label{i}": i for i in range(1, NUM_CLASSES)}}
-    dataset_json = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 1, "file_ending": ".nii.gz"}
+    dataset_json = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": 1, "file_ending": ".nii"}
     resample = "resample_data_or_seg_to_shape"
     plans = {
         "dataset_name": "Dataset999_Bench", "plans_name": "nnUNetPlans", "original_median_spacing_after_transp": [2.0, 1.0, 1.0],
@@ -218,7 +218,7 @@ def run_nnunet(input_path: str, output: str, base: int, threads: int) -> dict[st
                                 device=torch.device("cpu"), verbose=False, verbose_preprocessing=False, allow_tqdm=False)
     predictor.manual_initialization(network, plans_manager, plans_manager.get_configuration("2d"), [network.state_dict()],
                                     dataset_json, "nnUNetTrainer", None)
-    stem = output[: -len(".nii.gz")]
+    stem = output[: -len(".nii")]
     predictor.predict_from_files_sequential([[input_path]], [stem], save_probabilities=False, overwrite=True,
                                             folder_with_segs_from_prev_stage=None)
     return {"end_to_end_s": time.perf_counter() - start, "model_s": clock.seconds, "ran": f"torch {torch.__version__}"}
@@ -271,10 +271,10 @@ def parameter_counts(base: int, peer_python: str) -> dict[str, Any]:
 
 
 def run_one(python: str, pipeline: str, args: argparse.Namespace, base: int, model: str | None, out_dir: str) -> dict[str, Any]:
-    output = os.path.join(out_dir, f"{pipeline}-w{base}.nii.gz")
+    output = os.path.join(out_dir, f"{pipeline}-w{base}.nii")
     work = tempfile.mkdtemp(dir=out_dir)
     command = [python, str(Path(__file__).resolve()), "--child", pipeline, "--input", args.input, "--output",
-               os.path.join(work, "labels.nii.gz"), "--base", str(base), "--threads", str(args.threads)]
+               os.path.join(work, "labels.nii"), "--base", str(base), "--threads", str(args.threads)]
     if model:
         command += ["--model", model]
     env = dict(os.environ, MEDSEGAI_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads),
@@ -359,7 +359,7 @@ def main() -> int:
     parser.add_argument("--output", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--base", type=int, default=16, help=argparse.SUPPRESS)
     parser.add_argument("--model", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--input", default=None, help="CT file (default: 512x512x200 tiled from the shared DICOM series)")
+    parser.add_argument("--input", default=None, help="CT file (default: the 512x512x200 CT of bench_inference.py, _common.synthetic_ct)")
     parser.add_argument("--repeat", type=int, default=2, help="rounds (each runs every pipeline once)")
     parser.add_argument("--widths", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--threads", type=int, default=2)
@@ -374,9 +374,15 @@ def main() -> int:
         return child(args)
 
     sys.path.insert(0, str(BENCH))
-    from _common import machine, tiled_ct_512
+    from _common import machine, synthetic_ct
 
-    args.input = args.input or str(tiled_ct_512())
+    if not args.input:
+        import SimpleITK as sitk
+
+        source = synthetic_ct((512, 512, 200))
+        args.input = str(source.with_suffix(".nii"))  # NIfTI, uncompressed: a format all three read
+        if not Path(args.input).is_file():
+            sitk.WriteImage(sitk.ReadImage(str(source)), args.input, useCompression=False)
     pipelines = args.pipelines.split(",")
     models: dict[int, str] = {}
     for base in args.widths:
