@@ -180,3 +180,33 @@ def segment_in_this_process(input_path: str, model: str, backend: str = "auto", 
         "cpu_s": round(cpu, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
+
+
+def tiled_ct_512(slices: int = 200, path: Path | None = None) -> Path:
+    """A 512×512×``slices`` CT (.nii.gz, int16) tiled from the shared real 512×512×20 DICOM series.
+
+    ``../shared/data/ct-abdomen/example_ct_dicom`` (0.98×0.98×2 mm, JPEG 2000) is repeated along z,
+    every other copy mirrored so the anatomy stays continuous at the seams; geometry kept
+    (spacing, direction, origin of the first slice). Cached under ``benchmarks/.cache``.
+    """
+    import SimpleITK as sitk
+
+    from MedSegAILib.imageio import read_volume
+
+    path = path or CACHE / f"ct_512x512x{slices}_tiled.nii.gz"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source = read_volume(REPO.parent / "shared" / "data" / "ct-abdomen" / "example_ct_dicom")
+    array = np.asarray(source.array)
+    copies = [array if i % 2 == 0 else array[::-1] for i in range(-(-slices // array.shape[0]))]
+    tiled = np.concatenate(copies, axis=0)[:slices].astype(np.int16)
+    image = sitk.GetImageFromArray(tiled)
+    reference = source.to_sitk()
+    image.SetSpacing(reference.GetSpacing())
+    image.SetDirection(reference.GetDirection())
+    image.SetOrigin(reference.GetOrigin())
+    tmp = path.with_name(path.name + ".tmp.nii.gz")
+    sitk.WriteImage(image, str(tmp), useCompression=True)
+    tmp.replace(path)
+    return path

@@ -82,6 +82,7 @@ class OnnxPredictor:
     """ONNX Runtime session for ``model.onnx``."""
 
     name = "onnx"
+    precision = "fp32"
 
     def __init__(self, path: os.PathLike[str] | str, device: str) -> None:
         import onnxruntime as ort
@@ -197,11 +198,14 @@ class TFLitePredictor:
         return np.array(self._interpreter.get_tensor(self._output), dtype=np.float32)
 
 
-def load_predictor(card: ModelCard, backend: str = "auto", device: str = "auto") -> Predictor:
+def load_predictor(card: ModelCard, backend: str = "auto", device: str = "auto", precision: str = "auto") -> Predictor:
     """Create the predictor for a model folder.
 
     ``auto`` picks ONNX Runtime when ``model.onnx`` and the package are both there (it is the faster
     one on CPU), else TensorFlow, else TFLite (a folder written by ``medsegai export --format tflite``).
+    ``precision`` (:data:`MedSegAILib.precision.PRECISIONS`) chooses the folder's validated int8
+    ONNX file instead (``auto``: when there is one and the run is on the CPU); the predictor's
+    ``precision`` attribute says which ran (``"fp32"`` or ``"int8"``).
 
     Raises:
         MedSegAIInputError: unknown backend/device, or the needed package/file is missing.
@@ -210,6 +214,13 @@ def load_predictor(card: ModelCard, backend: str = "auto", device: str = "auto")
         raise MedSegAIInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     if device not in DEVICES:
         raise MedSegAIInputError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}.")
+    from .precision import resolve_int8
+
+    int8_path = resolve_int8(card, precision, backend, device)
+    if int8_path is not None:
+        predictor = OnnxPredictor(int8_path, "cpu")
+        predictor.precision = "int8"
+        return predictor
     tflite_package = "ai_edge_litert" if _installed("ai_edge_litert") else "tensorflow"
     choices = {
         "onnx": (card.weights_path("onnx"), "onnxruntime", "model.onnx", OnnxPredictor),
@@ -226,7 +237,9 @@ def load_predictor(card: ModelCard, backend: str = "auto", device: str = "auto")
         if not _installed(package):
             missing.append(f"the Python package '{package}' is not installed")
             continue
-        return predictor_class(path, device)
+        predictor = predictor_class(path, device)
+        predictor.precision = "fp32"
+        return predictor
     raise MedSegAIInputError(
         f"cannot run model '{card.id}' with backend {backend}: " + "; ".join(missing)
         + ". Install the missing package (see MedSegAI/Resources/requirements.txt) or choose another --backend."

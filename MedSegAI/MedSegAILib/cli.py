@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 from . import __version__
 from .backends import BACKENDS, DEVICES
+from .precision import PRECISIONS
 from .argtypes import number_type
 from .errors import CancelledError, MedSegAIInputError
 from .protocol import EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, encode_error
@@ -87,6 +88,9 @@ def _add_segment_command(subparsers: Any) -> None:
     web.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's TLS certificate")
     parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="int8: the folder's validated int8 ONNX file (medsegai quantize); auto: int8 when the "
+                             "folder has one and the run is on the CPU, else fp32 (default auto)")
     parser.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
     parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N", help="windows per network call")
@@ -132,7 +136,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     cancel.install()
     options = SegmentOptions(
         overlap=args.overlap, tta=args.tta, batch_size=args.batch_size,
-        postprocessing=_postprocessing_overrides(args),
+        postprocessing=_postprocessing_overrides(args), precision=args.precision,
     )
     common = dict(
         model=args.model, backend=args.backend, device=args.device, options=options, measurements=args.measurements,
@@ -155,7 +159,8 @@ def _run_segment(args: argparse.Namespace) -> int:
     )
     found = [row["name"] for row in result.measurements if row.get("voxel_count", 0) > 0]
     written = " and ".join(str(p) for p in (result.output, result.dicom_seg, result.uncertainty_path) if p is not None)
-    summary = f"wrote {written} with model {result.card.id} {result.card.version} ({result.backend}, {result.device})"
+    run_on = f"{result.backend}{' int8' if result.precision == 'int8' else ''}, {result.device}"
+    summary = f"wrote {written} with model {result.card.id} {result.card.version} ({run_on})"
     if args.measurements:
         summary += f"; measurements in {args.measurements}"
         if not found:
@@ -324,20 +329,21 @@ def _run_models(args: argparse.Namespace) -> int:
 
 
 def _add_training_commands(subparsers: Any) -> None:
-    """``train``, ``export``, ``evaluate`` and ``dataset`` come from the training package when it is installed."""
+    """``train``, ``export``, ``quantize``, ``evaluate`` and ``dataset`` come from the training package when it is installed."""
     try:
         from medsegai_training.cli_data import add_dataset_commands, add_evaluate_command
-        from medsegai_training.cli_export import add_export_command
+        from medsegai_training.cli_export import add_export_command, add_quantize_command
         from medsegai_training.cli_train import add_train_command
     except ImportError as e:
         missing = str(e)
-        for name in ("train", "export", "evaluate", "dataset"):
+        for name in ("train", "export", "quantize", "evaluate", "dataset"):
             parser = subparsers.add_parser(name, help=f"{name} (needs the training package)", add_help=False)
             parser.add_argument("rest", nargs=argparse.REMAINDER)
             parser.set_defaults(func=lambda args, why=missing: _training_missing(why))
         return
     add_train_command(subparsers)
     add_export_command(subparsers)
+    add_quantize_command(subparsers)
     add_evaluate_command(subparsers)
     add_dataset_commands(subparsers)
 

@@ -39,6 +39,7 @@ from .errors import CancelledError, MedSegAIInputError
 from .image import Volume
 from .components import StreamedComponents
 from .postprocessing import component_labels, postprocess_in_place
+from .precision import PRECISIONS
 from .protocol import MODEL, POSTPROCESS, PREPROCESS, STITCH
 from .preprocessing import (
     intensity_statistics,
@@ -74,12 +75,15 @@ class SegmentOptions:
         tta: flip test-time augmentation (average with the prediction of each axis flipped).
         batch_size: windows per network call; None uses the card's (or 8 in 2D, 1 in 3D).
         postprocessing: keys merged over the card's ``postprocessing`` dict.
+        precision: ``auto``, ``fp32`` or ``int8``: which ONNX file of the folder runs
+            (:mod:`MedSegAILib.precision`); used where the predictor is loaded.
     """
 
     overlap: float = 0.5
     tta: bool = False
     batch_size: int | None = None
     postprocessing: dict[str, Any] | None = None
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         try:
@@ -93,6 +97,8 @@ class SegmentOptions:
             raise ValueError(f"batch_size must be a positive integer or None, got {self.batch_size!r}")
         if self.postprocessing is not None and not isinstance(self.postprocessing, Mapping):
             raise TypeError(f"postprocessing must be a dict or None, got {type(self.postprocessing).__name__}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be auto, fp32 or int8, got {self.precision!r}")
 
 
 def argmax_labels(probabilities: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ class SegmentationResult:
     card: ModelCard
     backend: str
     device: str
+    precision: str = "fp32"
     output: Path | None = None
     dicom_seg: Path | None = None
     measurements: list[dict] = field(default_factory=list)
@@ -128,7 +129,7 @@ def segment_case(
     timings = timings if timings is not None else {}
     if predictor is None:
         start = time.perf_counter()
-        predictor = load_predictor(card, backend=backend, device=device)
+        predictor = load_predictor(card, backend=backend, device=device, precision=getattr(options, "precision", "auto"))
         timings["model_load"] = time.perf_counter() - start
     labels = segment_volumes(
         checked,
@@ -247,7 +248,7 @@ def run_segmentation(
     timings["read"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    predictor = load_predictor(card, backend=backend, device=device)
+    predictor = load_predictor(card, backend=backend, device=device, precision=getattr(options, "precision", "auto"))
     timings["model_load"] = time.perf_counter() - start
 
     uncertainty_array = None
@@ -310,6 +311,7 @@ def run_segmentation(
     timings["write"] = time.perf_counter() - start
     return SegmentationResult(
         labels=labels, card=card, backend=predictor.name, device=predictor.device,
+        precision=getattr(predictor, "precision", "fp32"),
         output=output, dicom_seg=dicom_seg, measurements=rows, timings=timings,
         uncertainty=uncertainty_volume, uncertainty_path=uncertainty_path,
     )

@@ -34,6 +34,7 @@ import numpy as np
 
 from . import mrml
 from .backends import BACKENDS, DEVICES
+from .precision import PRECISIONS
 from .engine_process import (
     EngineFailedError,
     EngineProcess,
@@ -87,6 +88,7 @@ class EngineOptions:
         python_executable: the engine's Python; None/"" = Slicer's own (or this interpreter).
         uncertainty: also compute the uncertainty map (``segment --uncertainty``); the result's
             ``uncertainty`` is then a uint8 Volume on the first input's grid (0 certain … 255 maximal).
+        precision: ``"auto"``, ``"fp32"`` or ``"int8"`` (the model folder's validated int8 file).
     """
 
     device: str = "auto"
@@ -100,6 +102,7 @@ class EngineOptions:
     min_island_mm3: float | None = None
     python_executable: str | None = None
     uncertainty: bool = False
+    precision: str = "auto"
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad option."""
@@ -109,6 +112,8 @@ class EngineOptions:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if not 0 <= float(self.overlap) < 1:
             raise ValueError(f"overlap must be in [0, 1), got {self.overlap!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be auto, fp32 or int8, got {self.precision!r}")
         if self.batch_size is not None and int(self.batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1 or None, got {self.batch_size!r}")
         if self.min_island_mm3 is not None and float(self.min_island_mm3) < 0:
@@ -118,6 +123,8 @@ class EngineOptions:
         """The ``medsegai segment`` options for these settings."""
         self.validate()
         args = ["--device", self.device, "--backend", self.backend, "--overlap", repr(float(self.overlap))]
+        if self.precision != "auto":
+            args += ["--precision", self.precision]
         if self.tta:
             args.append("--tta")
         if self.batch_size:

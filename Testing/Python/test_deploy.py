@@ -68,7 +68,8 @@ def test_tflite_float_export_runs_as_a_backend(ct_dataset, ct_small, tmp_path) -
     assert code == 0, err
     assert err.strip().count("\n") == 0 and "(tflite, cpu)" in err  # one summary line, no native start-up noise
     # the shipped model.onnx was checked against Keras when it was written (max difference <= 1e-4): a cheaper reference
-    assert main(["segment", str(ct_small), "-o", str(onnx_labels), "--backend", "onnx", "--progress", "none"]) == 0
+    assert main(["segment", str(ct_small), "-o", str(onnx_labels), "--backend", "onnx", "--precision", "fp32",
+                 "--progress", "none"]) == 0
     a = sitk.GetArrayFromImage(sitk.ReadImage(str(tflite_labels)))
     b = sitk.GetArrayFromImage(sitk.ReadImage(str(onnx_labels)))
     assert (a == b).mean() >= 0.999 and (a == 1).sum() > 10000  # liver found, same labels

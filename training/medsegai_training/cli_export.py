@@ -1,4 +1,5 @@
-"""``medsegai export``: the command-line front of :func:`medsegai_training.deploy.export_deployment`."""
+"""``medsegai export`` and ``medsegai quantize``: the command-line fronts of
+:func:`medsegai_training.deploy.export_deployment` and :func:`medsegai_training.quantize.quantize_model`."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Any
 
 from MedSegAILib.argtypes import number_type
 
-__all__ = ["add_export_command"]
+__all__ = ["add_export_command", "add_quantize_command"]
 
 _positive_int = number_type(int, 1)
+_drop = number_type(float, 0, below=1)
 
 
 def add_export_command(subparsers: Any) -> argparse.ArgumentParser:
@@ -56,4 +58,40 @@ def run_export(args: argparse.Namespace) -> int:
     if check.get("dice_change") is not None:
         summary += f"; Dice {check['dice_float']:.4f} -> {check['dice_export']:.4f} ({check['dice_change']:+.4f})"
     say(summary)
+    return 0
+
+
+def add_quantize_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``quantize`` to the ``medsegai`` sub-commands."""
+    from .quantize import MAX_INT8_DICE_DROP
+
+    parser = subparsers.add_parser(
+        "quantize",
+        help="write a validated int8 ONNX file beside a model's model.onnx (used by segment --precision auto|int8)",
+        description=(
+            "Quantise MODEL's model.onnx to int8 with ONNX Runtime (static, calibrated on the windows the engine feeds "
+            "the network on cases of --data), segment the same cases with both, and write model.int8.onnx and its "
+            "per-label Dice record (metrics.int8 in model.json) only if no label loses more than --max-dice-drop."
+        ),
+    )
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of unexpected errors")
+    parser.add_argument("model", metavar="MODEL", help="model id or folder (needs model.onnx; written in place)")
+    parser.add_argument("--data", required=True, metavar="DATASET", help="dataset folder of real cases for calibration and the check")
+    parser.add_argument("--cases", type=_positive_int, default=2, metavar="N", help="cases of --data to use (default 2)")
+    parser.add_argument("--max-dice-drop", type=_drop, default=MAX_INT8_DICE_DROP, metavar="D",
+                        help=f"largest Dice loss allowed on any label (default {MAX_INT8_DICE_DROP})")
+    parser.set_defaults(func=run_quantize)
+    return parser
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from .quantize import quantize_model
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    record = quantize_model(args.model, args.data, max_cases=args.cases, max_dice_drop=args.max_dice_drop, progress=say)
+    speed = record["model_seconds"]
+    say(f"int8 validated on {len(record['cases'])} case(s): worst Dice change {record['worst_change']:+.4f} "
+        f"(allowed -{record['max_dice_drop']:g}); network {speed['fp32']:.1f} s fp32 -> {speed['int8']:.1f} s int8")
     return 0

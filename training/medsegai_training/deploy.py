@@ -425,6 +425,7 @@ def export_deployment(
 
         new_card["files"] = files
         metrics = dict(new_card.get("metrics") or {})
+        metrics.pop("int8", None)  # the source folder's int8 file is not part of the export
         metrics["deployment"] = check
         new_card["metrics"] = metrics
         from medsegai_training.export import _validate_card
