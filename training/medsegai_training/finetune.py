@@ -45,6 +45,8 @@ __all__ = [
     "LEARNING_RATE",
     "PATIENCE",
     "TIME_BUDGET_S",
+    "KEEP_PARENT",
+    "INHERITED_TRAINING_KEYS",
 ]
 
 STEPS_BASE = 60
@@ -57,6 +59,10 @@ LEARNING_RATE = 1e-4
 PATIENCE = 3
 BATCH_SIZE = 8
 TIME_BUDGET_S = 300.0
+KEEP_PARENT = 0.0
+# Keys of the parent's own training recipe (``training.config`` in its model.json) a fine-tune
+# keeps unless told otherwise: the same objective and sampling the parent was trained with.
+INHERITED_TRAINING_KEYS = ("loss", "foreground_fraction", "augmentation")
 
 # Time per step: taken from the parent's own training record (``training.duration_s`` over the
 # steps it ran, scaled to the window and batch of the fine-tune) — 0.19 s for mr-brain-tumor 1.2.0
@@ -83,6 +89,7 @@ class FineTunePlan:
         patch_size: training window (array order ``(y, x)`` for 2D).
         learning_rate: AdamW peak learning rate (warm-up then cosine decay).
         freeze_encoder: keep the parent's encoder fixed.
+        keep_parent: share of the parent's weights blended back into the result (0 = none).
         early_stopping_patience: epochs without validation improvement before stopping (None: off).
         validation: ``"held-out patient"`` or ``"training cases"``.
         seconds_per_step: estimated seconds per batch on this machine's reference CPU (2 cores).
@@ -98,6 +105,7 @@ class FineTunePlan:
     patch_size: tuple[int, ...]
     learning_rate: float
     freeze_encoder: bool
+    keep_parent: float
     early_stopping_patience: int | None
     validation: str
     seconds_per_step: float
@@ -112,6 +120,7 @@ class FineTunePlan:
             "optimizer": {"learning_rate": self.learning_rate, "weight_decay": 1e-4},
             "schedule": {"name": "warmup_cosine", "warmup_fraction": 0.1},
             "freeze_encoder": self.freeze_encoder,
+            "keep_parent": self.keep_parent,
             "early_stopping_patience": self.early_stopping_patience,
         }
         values["validation_fraction"] = 0.2 if self.validation == "held-out patient" else 0.0
@@ -155,6 +164,16 @@ def _raw_card(card: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise TypeError(f"card must be a ModelCard or a model.json dict, got {type(card).__name__}")
     return raw
+
+
+def inherited_training(card: Any) -> dict[str, Any]:
+    """The parent's own training settings a fine-tune keeps (:data:`INHERITED_TRAINING_KEYS`).
+
+    Read from ``training.config`` of the parent's ``model.json``; keys it lacks are left to the
+    package defaults. Returns a fresh dict (safe to modify).
+    """
+    config = (_raw_card(card).get("training") or {}).get("config") or {}
+    return json.loads(json.dumps({k: config[k] for k in INHERITED_TRAINING_KEYS if k in config}))
 
 
 def training_patch(card: Any) -> list[int]:
@@ -233,6 +252,7 @@ def fine_tune_plan(dataset_dir: str | os.PathLike[str], card: Any, max_steps: in
         patch_size=tuple(patch),
         learning_rate=LEARNING_RATE,
         freeze_encoder=bool(freeze_encoder) if freeze_encoder is not None else False,
+        keep_parent=KEEP_PARENT,
         early_stopping_patience=PATIENCE if held_out else None,
         validation="held-out patient" if held_out else "training cases",
         seconds_per_step=round(per_step, 3),
