@@ -46,7 +46,6 @@ __all__ = [
     "PATIENCE",
     "TIME_BUDGET_S",
     "KEEP_PARENT",
-    "INHERITED_TRAINING_KEYS",
 ]
 
 STEPS_BASE = 60
@@ -60,9 +59,6 @@ PATIENCE = 3
 BATCH_SIZE = 8
 TIME_BUDGET_S = 300.0
 KEEP_PARENT = 0.0
-# Keys of the parent's own training recipe (``training.config`` in its model.json) a fine-tune
-# keeps unless told otherwise: the same objective and sampling the parent was trained with.
-INHERITED_TRAINING_KEYS = ("loss", "foreground_fraction", "augmentation")
 
 # Time per step: taken from the parent's own training record (``training.duration_s`` over the
 # steps it ran, scaled to the window and batch of the fine-tune) — 0.19 s for mr-brain-tumor 1.2.0
@@ -164,16 +160,6 @@ def _raw_card(card: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise TypeError(f"card must be a ModelCard or a model.json dict, got {type(card).__name__}")
     return raw
-
-
-def inherited_training(card: Any) -> dict[str, Any]:
-    """The parent's own training settings a fine-tune keeps (:data:`INHERITED_TRAINING_KEYS`).
-
-    Read from ``training.config`` of the parent's ``model.json``; keys it lacks are left to the
-    package defaults. Returns a fresh dict (safe to modify).
-    """
-    config = (_raw_card(card).get("training") or {}).get("config") or {}
-    return json.loads(json.dumps({k: config[k] for k in INHERITED_TRAINING_KEYS if k in config}))
 
 
 def training_patch(card: Any) -> list[int]:

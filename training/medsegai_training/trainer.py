@@ -137,9 +137,7 @@ def finetune_defaults(parent: Any) -> dict[str, Any]:
     """Recipe defaults taken from a parent model card (for ``--init``).
 
     Architecture, spatial settings, channels (with the parent's normalisation, fitted statistics
-    included), post-processing, id, name, licence and the training objective (loss, foreground
-    sampling, augmentation: :data:`medsegai_training.finetune.INHERITED_TRAINING_KEYS`) come from
-    the parent; the version is the
+    included), post-processing, id, name, licence come from the parent; the version is the
     parent's with the patch number bumped; labels default to the dataset's (the parent's colours
     and terminology are kept for labels of the same name, see :func:`_decorate_labels`).
     """
@@ -168,9 +166,6 @@ def finetune_defaults(parent: Any) -> dict[str, Any]:
     citation = (raw.get("provenance") or {}).get("citation")
     if isinstance(citation, str):
         defaults["citation"] = citation
-    from .finetune import inherited_training
-
-    defaults.update(inherited_training(parent))  # the parent's loss, sampling and augmentation
     return copy.deepcopy(defaults)
 
 
