@@ -58,7 +58,7 @@ LEARNING_RATE = 1e-4
 PATIENCE = 3
 BATCH_SIZE = 8
 TIME_BUDGET_S = 300.0
-KEEP_PARENT = 0.0
+KEEP_PARENT = 0.5
 
 # Time per step: taken from the parent's own training record (``training.duration_s`` over the
 # steps it ran, scaled to the window and batch of the fine-tune) — 0.19 s for mr-brain-tumor 1.2.0
@@ -134,9 +134,12 @@ class FineTunePlan:
         stop = (f"early stopping on a held-out patient (patience {self.early_stopping_patience} epochs)"
                 if self.early_stopping_patience else "no early stopping (one patient: validated on its own cases)")
         minutes = self.estimated_seconds / 60.0
+        blend = (f", then {self.keep_parent:.0%} of the parent's weights blended back in (less forgetting)"
+                 if self.keep_parent else "")
         return (f"fine-tune on {self.cases} case(s) of {self.patients} patient(s): {self.steps} steps "
                 f"({self.epochs} × {self.steps_per_epoch}), learning rate {self.learning_rate:g}, "
-                f"{'encoder frozen' if self.freeze_encoder else 'whole network trained'}, {stop}; "
+                f"{'encoder frozen' if self.freeze_encoder else 'whole network trained'}, {stop}"
+                f"{blend}; "
                 f"about {minutes:.1f} min on a 2-core CPU")
 
 
