@@ -19,6 +19,16 @@ The defaults were chosen by measurement on this project's 2-core CPU (``benchmar
   (mean 0.718 → 0.357); 1e-4 gained (→ 0.777) and kept them (→ 0.680);
 * the whole network is trained: freezing the encoder (learning rate 3e-4) gained nothing on the later
   study (0.746 → 0.745) and forgot as much (→ 0.687);
+* the parent's *own* objective is not reused: its tumour class weight 5, 80 % foreground windows
+  and its augmentation (the brain recipe's) kept the later-study gain (0.779) but made the model
+  draw false tumour elsewhere (other patients 0.718 → 0.419, one study 0.0); learning rate 3e-4
+  (whole network) fitted the case
+  better and generalised worse (later study 0.759, other patients → 0.573);
+* afterwards :data:`KEEP_PARENT` (half) of the parent's weights are blended back in
+  (``keep_parent``, weight-space ensembling as in WiSE-FT): on the PGBM-001 loop the later study
+  keeps most of the gain (0.777 unblended → 0.767 blended, 0.746 before) and the other patients
+  go from 0.680 to 0.721 (0.718 before; worst study −0.027 instead of −0.071); 0.3 forgot more
+  (worst −0.035), 0.7 gained less (0.758) and forgot no less (worst −0.030);
 * early stopping only where a patient can be held out (≥ 2 patients): one patient validates,
   patience :data:`PATIENCE` epochs of :data:`STEPS_PER_EPOCH` steps; with one patient the run does
   its planned steps and validates on the training cases (reported as such in ``model.json``).
