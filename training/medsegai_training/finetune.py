@@ -22,8 +22,7 @@ The defaults were chosen by measurement on this project's 2-core CPU (``benchmar
 * the parent's *own* objective is not reused: its tumour class weight 5, 80 % foreground windows
   and its augmentation (the brain recipe's) kept the later-study gain (0.779) but made the model
   draw false tumour elsewhere (other patients 0.718 → 0.419, one study 0.0); learning rate 3e-4
-  (whole network) fitted the case
-  better and generalised worse (later study 0.759, other patients → 0.573);
+  (whole network) fitted the case better and generalised worse (later study 0.759, other patients → 0.573);
 * afterwards :data:`KEEP_PARENT` (half) of the parent's weights are blended back in
   (``keep_parent``, weight-space ensembling as in WiSE-FT): on the PGBM-001 loop the later study
   keeps most of the gain (0.777 unblended → 0.767 blended, 0.746 before) and the other patients
