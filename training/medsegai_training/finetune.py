@@ -73,10 +73,17 @@ KEEP_PARENT = 0.5
 # steps it ran, scaled to the window and batch of the fine-tune) — 0.19 s for mr-brain-tumor 1.2.0
 # and 0.86 s for ct-abdomen-organs 1.1.0 (trained three at a time, so pessimistic) on the 2-core
 # CPU. Without a record: window pixels × batch × first-level filters² × _SECONDS_PER_UNIT (fitted
-# to those two). Fixed cost of a run (TensorFlow start, reading and resampling the cases,
-# validation, ONNX export and check): _FIXED_S + _SECONDS_PER_CASE per case.
+# to those two). A fine-tune step costs _STEP_FACTOR times that (validation every epoch, the
+# input pipeline's start per epoch). Fixed cost of a run (TensorFlow start, reading and resampling
+# the cases, building the model and its first traced step, ONNX export and check): _FIXED_S +
+# _SECONDS_PER_CASE per case. Both fitted (benchmarks/RESULTS.md section 9) to the two measured
+# one-case 100-step fine-tunes of the shipped models — 234 CPU-s (brain) and 368 CPU-s (CT) —
+# over 1.27, the parallelism of a fine-tune on 2 cores (half its CPU time, start and export, runs
+# on one core): 184 s and 290 s on an idle 2-core CPU (the old figures 63 s and 130 s were a third
+# of that).
 _SECONDS_PER_UNIT = 1.0e-8
-_FIXED_S = 40.0
+_STEP_FACTOR = 1.6
+_FIXED_S = 150.0
 _SECONDS_PER_CASE = 4.0
 
 
@@ -97,7 +104,8 @@ class FineTunePlan:
         keep_parent: share of the parent's weights blended back into the result (0 = none).
         early_stopping_patience: epochs without validation improvement before stopping (None: off).
         validation: ``"held-out patient"`` or ``"training cases"``.
-        seconds_per_step: estimated seconds per batch on this machine's reference CPU (2 cores).
+        seconds_per_step: estimated seconds per fine-tuning batch (validation included) on this
+            machine's reference CPU (2 cores, idle).
         estimated_seconds: estimated wall-clock time of the whole run (upper end: no early stop).
     """
 
@@ -232,7 +240,7 @@ def fine_tune_plan(dataset_dir: str | os.PathLike[str], card: Any, max_steps: in
         raise ValueError(f"max_steps must be a whole number >= 1 or None, got {max_steps!r}")
     cases, patients = _dataset_counts(dataset_dir)
     patch = training_patch(card)
-    per_step = seconds_per_step(card, BATCH_SIZE, patch)
+    per_step = _STEP_FACTOR * seconds_per_step(card, BATCH_SIZE, patch)
     fixed = _FIXED_S + _SECONDS_PER_CASE * cases
     affordable = max(MIN_STEPS, int((TIME_BUDGET_S - fixed) / per_step))
     steps = min(STEPS_BASE + STEPS_PER_CASE * cases, MAX_STEPS, affordable) if max_steps is None else max_steps
