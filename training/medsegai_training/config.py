@@ -139,6 +139,10 @@ class TrainConfig:
         validation_max_cases: cap on validation cases evaluated each epoch (None = all).
         cache_dir: folder for the ``.npy`` preprocessing cache (None = in memory only).
         freeze_encoder: with ``--init``, keep the parent's encoder weights fixed.
+        keep_parent: with ``--init``, share of the parent's weights blended back into the trained
+            weights before export, ``w = keep_parent × w_parent + (1 − keep_parent) × w_trained``
+            (weight-space ensembling, "WiSE-FT"): trades some of the gain for less forgetting;
+            0 = off.
         num_workers: parallel calls for the ``tf.data`` map (None = AUTOTUNE).
     """
 
@@ -178,6 +182,7 @@ class TrainConfig:
     validation_max_cases: int | None = None
     cache_dir: str | None = None
     freeze_encoder: bool = False
+    keep_parent: float = 0.0
     num_workers: int | None = None
 
     # ------------------------------------------------------------------ validation
@@ -259,6 +264,10 @@ class TrainConfig:
             raise bad("validation_max_cases", f"is {self.validation_max_cases!r}, use a whole number >= 1 or null")
         if self.num_workers is not None and (not isinstance(self.num_workers, int) or self.num_workers < 1):
             raise bad("num_workers", f"is {self.num_workers!r}, use a whole number >= 1 or null")
+        if isinstance(self.keep_parent, bool) or not isinstance(self.keep_parent, (int, float)) or not (
+                0.0 <= float(self.keep_parent) < 1.0):
+            raise bad("keep_parent", f"is {self.keep_parent!r}, it must be a number in [0, 1)")
+        self.keep_parent = float(self.keep_parent)
         return self
 
     def _validate_spatial(self, bad: Any) -> None:

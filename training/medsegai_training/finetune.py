@@ -19,6 +19,15 @@ The defaults were chosen by measurement on this project's 2-core CPU (``benchmar
   (mean 0.718 → 0.357); 1e-4 gained (→ 0.777) and kept them (→ 0.680);
 * the whole network is trained: freezing the encoder (learning rate 3e-4) gained nothing on the later
   study (0.746 → 0.745) and forgot as much (→ 0.687);
+* the parent's *own* objective is not reused: its tumour class weight 5, 80 % foreground windows
+  and its augmentation (the brain recipe's) kept the later-study gain (0.779) but made the model
+  draw false tumour elsewhere (other patients 0.718 → 0.419, one study 0.0); learning rate 3e-4
+  (whole network) fitted the case better and generalised worse (later study 0.759, other patients → 0.573);
+* afterwards :data:`KEEP_PARENT` (half) of the parent's weights are blended back in
+  (``keep_parent``, weight-space ensembling as in WiSE-FT): on the PGBM-001 loop the later study
+  keeps most of the gain (0.777 unblended → 0.767 blended, 0.746 before) and the other patients
+  go from 0.680 to 0.721 (0.718 before; worst study −0.027 instead of −0.071); 0.3 forgot more
+  (worst −0.035), 0.7 gained less (0.758) and forgot no less (worst −0.030);
 * early stopping only where a patient can be held out (≥ 2 patients): one patient validates,
   patience :data:`PATIENCE` epochs of :data:`STEPS_PER_EPOCH` steps; with one patient the run does
   its planned steps and validates on the training cases (reported as such in ``model.json``).
@@ -45,6 +54,7 @@ __all__ = [
     "LEARNING_RATE",
     "PATIENCE",
     "TIME_BUDGET_S",
+    "KEEP_PARENT",
 ]
 
 STEPS_BASE = 60
@@ -57,15 +67,23 @@ LEARNING_RATE = 1e-4
 PATIENCE = 3
 BATCH_SIZE = 8
 TIME_BUDGET_S = 300.0
+KEEP_PARENT = 0.5
 
 # Time per step: taken from the parent's own training record (``training.duration_s`` over the
 # steps it ran, scaled to the window and batch of the fine-tune) — 0.19 s for mr-brain-tumor 1.2.0
 # and 0.86 s for ct-abdomen-organs 1.1.0 (trained three at a time, so pessimistic) on the 2-core
 # CPU. Without a record: window pixels × batch × first-level filters² × _SECONDS_PER_UNIT (fitted
-# to those two). Fixed cost of a run (TensorFlow start, reading and resampling the cases,
-# validation, ONNX export and check): _FIXED_S + _SECONDS_PER_CASE per case.
+# to those two). A fine-tune step costs _STEP_FACTOR times that (validation every epoch, the
+# input pipeline's start per epoch). Fixed cost of a run (TensorFlow start, reading and resampling
+# the cases, building the model and its first traced step, ONNX export and check): _FIXED_S +
+# _SECONDS_PER_CASE per case. Both fitted (benchmarks/RESULTS.md section 9) to the two measured
+# one-case 100-step fine-tunes of the shipped models — 234 CPU-s (brain) and 368 CPU-s (CT) —
+# over 1.27, the parallelism of a fine-tune on 2 cores (half its CPU time, start and export, runs
+# on one core): 184 s and 290 s on an idle 2-core CPU (the old figures 63 s and 130 s were a third
+# of that).
 _SECONDS_PER_UNIT = 1.0e-8
-_FIXED_S = 40.0
+_STEP_FACTOR = 1.6
+_FIXED_S = 150.0
 _SECONDS_PER_CASE = 4.0
 
 
@@ -83,9 +101,11 @@ class FineTunePlan:
         patch_size: training window (array order ``(y, x)`` for 2D).
         learning_rate: AdamW peak learning rate (warm-up then cosine decay).
         freeze_encoder: keep the parent's encoder fixed.
+        keep_parent: share of the parent's weights blended back into the result (0 = none).
         early_stopping_patience: epochs without validation improvement before stopping (None: off).
         validation: ``"held-out patient"`` or ``"training cases"``.
-        seconds_per_step: estimated seconds per batch on this machine's reference CPU (2 cores).
+        seconds_per_step: estimated seconds per fine-tuning batch (validation included) on this
+            machine's reference CPU (2 cores, idle).
         estimated_seconds: estimated wall-clock time of the whole run (upper end: no early stop).
     """
 
@@ -98,6 +118,7 @@ class FineTunePlan:
     patch_size: tuple[int, ...]
     learning_rate: float
     freeze_encoder: bool
+    keep_parent: float
     early_stopping_patience: int | None
     validation: str
     seconds_per_step: float
@@ -112,6 +133,7 @@ class FineTunePlan:
             "optimizer": {"learning_rate": self.learning_rate, "weight_decay": 1e-4},
             "schedule": {"name": "warmup_cosine", "warmup_fraction": 0.1},
             "freeze_encoder": self.freeze_encoder,
+            "keep_parent": self.keep_parent,
             "early_stopping_patience": self.early_stopping_patience,
         }
         values["validation_fraction"] = 0.2 if self.validation == "held-out patient" else 0.0
@@ -129,9 +151,12 @@ class FineTunePlan:
         stop = (f"early stopping on a held-out patient (patience {self.early_stopping_patience} epochs)"
                 if self.early_stopping_patience else "no early stopping (one patient: validated on its own cases)")
         minutes = self.estimated_seconds / 60.0
+        blend = (f", then {self.keep_parent:.0%} of the parent's weights blended back in (less forgetting)"
+                 if self.keep_parent else "")
         return (f"fine-tune on {self.cases} case(s) of {self.patients} patient(s): {self.steps} steps "
                 f"({self.epochs} × {self.steps_per_epoch}), learning rate {self.learning_rate:g}, "
-                f"{'encoder frozen' if self.freeze_encoder else 'whole network trained'}, {stop}; "
+                f"{'encoder frozen' if self.freeze_encoder else 'whole network trained'}, {stop}"
+                f"{blend}; "
                 f"about {minutes:.1f} min on a 2-core CPU")
 
 
@@ -215,7 +240,7 @@ def fine_tune_plan(dataset_dir: str | os.PathLike[str], card: Any, max_steps: in
         raise ValueError(f"max_steps must be a whole number >= 1 or None, got {max_steps!r}")
     cases, patients = _dataset_counts(dataset_dir)
     patch = training_patch(card)
-    per_step = seconds_per_step(card, BATCH_SIZE, patch)
+    per_step = _STEP_FACTOR * seconds_per_step(card, BATCH_SIZE, patch)
     fixed = _FIXED_S + _SECONDS_PER_CASE * cases
     affordable = max(MIN_STEPS, int((TIME_BUDGET_S - fixed) / per_step))
     steps = min(STEPS_BASE + STEPS_PER_CASE * cases, MAX_STEPS, affordable) if max_steps is None else max_steps
@@ -233,6 +258,7 @@ def fine_tune_plan(dataset_dir: str | os.PathLike[str], card: Any, max_steps: in
         patch_size=tuple(patch),
         learning_rate=LEARNING_RATE,
         freeze_encoder=bool(freeze_encoder) if freeze_encoder is not None else False,
+        keep_parent=KEEP_PARENT,
         early_stopping_patience=PATIENCE if held_out else None,
         validation="held-out patient" if held_out else "training cases",
         seconds_per_step=round(per_step, 3),

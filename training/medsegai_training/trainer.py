@@ -41,7 +41,7 @@ from MedSegAILib.protocol import EXPORT, TRAIN
 
 from .config import TrainConfig, config_from_dict, load_config
 
-__all__ = ["train", "ExportError", "resolve_config", "finetune_defaults", "parent_card", "make_strategy", "RUN_FILE", "TRAINING_DIR"]
+__all__ = ["train", "blend_weights", "ExportError", "resolve_config", "finetune_defaults", "parent_card", "make_strategy", "RUN_FILE", "TRAINING_DIR"]
 
 TRAINING_DIR = "training"
 RUN_FILE = "run.json"
@@ -827,6 +827,26 @@ def _prepare_and_run(
     )
 
 
+def blend_weights(model: Any, parent_weights: list[np.ndarray], keep_parent: float) -> None:
+    """Set ``model``'s weights to ``keep_parent × parent + (1 − keep_parent) × model`` (in place).
+
+    ``parent_weights`` is ``get_weights()`` of the same architecture (the parent's weights as
+    adapted to this model's labels, taken before training). Weight-space ensembling of a
+    fine-tuned model with its start ("WiSE-FT", Wortsman et al. 2022) keeps part of the gain and
+    much of what the parent knew (``benchmarks/RESULTS.md`` section 9).
+
+    Raises:
+        ValueError: ``keep_parent`` is outside [0, 1) or the weights do not match the model.
+    """
+    if not 0.0 <= float(keep_parent) < 1.0:
+        raise ValueError(f"keep_parent must be in [0, 1), got {keep_parent!r}")
+    current = model.get_weights()
+    if len(current) != len(parent_weights) or any(a.shape != b.shape for a, b in zip(current, parent_weights)):
+        raise ValueError("parent weights do not match the model's (different architecture or labels)")
+    k = float(keep_parent)
+    model.set_weights([(k * p + (1.0 - k) * w).astype(w.dtype) for p, w in zip(parent_weights, current)])
+
+
 def _fit_and_export(
     cfg: TrainConfig,
     info: Any,
@@ -873,6 +893,9 @@ def _fit_and_export(
                     model, parent_model, [label.to_dict() for label in parent.labels], plan.labels
                 )
                 del parent_model
+            elif cfg.keep_parent:
+                raise MedSegAIInputError("keep_parent needs --init (a parent model to blend back in).")
+            start_weights = [np.array(w, copy=True) for w in model.get_weights()] if cfg.keep_parent else None
             if cfg.freeze_encoder:
                 if parent is None:
                     raise MedSegAIInputError("freeze_encoder needs --init (a parent model to keep the encoder of).")
@@ -968,6 +991,8 @@ def _fit_and_export(
 
     best_path = run.training_dir / BEST_FILE
     final_model = load_keras_model(best_path) if best_path.is_file() else model
+    if start_weights is not None:
+        blend_weights(final_model, start_weights, cfg.keep_parent)
     sample_cases = validation_cases or train_cases
     sample_sampler = Sampler(sample_cases, cfg.spatial, plan.num_classes, 1.0, cfg.seed)
     sample_batch = np.stack([sample_sampler.window(i)[0] for i in range(2)])
