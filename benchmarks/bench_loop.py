@@ -272,9 +272,9 @@ def bench_mr(shared: Path, cache: Path, fold_epochs: int, patients: Sequence[str
             "earlier_dice_before": dice_scores(before_earlier, np.asarray(reference.array), labels)["tumor"],
             **info_ft,
         }
-        for tag, model in (("before", fold), ("after", tuned)):
+        for when, model in (("before", fold), ("after", tuned)):
             pred = segment(model, later_images, cache / "mr", f"{patient}-{later.name}")
-            row[f"later_dice_{tag}"] = dice_scores(pred, np.asarray(later_ref.array), labels)["tumor"]
+            row[f"later_dice_{when}"] = dice_scores(pred, np.asarray(later_ref.array), labels)["tumor"]
         others: dict[str, dict[str, Any]] = {}
         for other, folders in studies.items():
             if other == patient:
@@ -283,9 +283,9 @@ def bench_mr(shared: Path, cache: Path, fold_epochs: int, patients: Sequence[str
                 o_images, o_ref = _read_mr(study)
                 key = f"{other} {study.name}"
                 others[key] = {}
-                for tag, model in (("before", fold), ("after", tuned)):
+                for when, model in (("before", fold), ("after", tuned)):
                     pred = segment(model, o_images, cache / "mr", f"{other}-{study.name}")
-                    others[key][tag] = dice_scores(pred, np.asarray(o_ref.array), labels)["tumor"]
+                    others[key][when] = dice_scores(pred, np.asarray(o_ref.array), labels)["tumor"]
         row["others"] = others
         row["others_mean_before"] = _mean([v["before"] for v in others.values()])
         row["others_mean_after"] = _mean([v["after"] for v in others.values()])
@@ -326,11 +326,11 @@ def bench_ct(shared: Path, cache: Path, fold_epochs: int, recipe_override: Path 
                            "fine_tune_seconds": round(seconds, 1), **info_ft}
     for name, prefix in (("sm_lower", "later"), ("dicom", "other")):
         images, reference, _ = cases[name]
-        for tag, model in (("before", fold), ("after", tuned)):
+        for when, model in (("before", fold), ("after", tuned)):
             scores = dice_scores(segment(model, images, cache / "ct", name), np.asarray(reference.array), CT_LABELS)
-            row[f"{prefix}_dice_{tag}"] = scores["liver"]
-            row[f"{prefix}_mean_dice_{tag}"] = _mean(list(scores.values()))
-            row[f"{prefix}_per_label_{tag}"] = scores
+            row[f"{prefix}_dice_{when}"] = scores["liver"]
+            row[f"{prefix}_mean_dice_{when}"] = _mean(list(scores.values()))
+            row[f"{prefix}_per_label_{when}"] = scores
     row["others"] = {"example_ct_dicom": {"before": row["other_dice_before"], "after": row["other_dice_after"]}}
     row["others_mean_before"], row["others_mean_after"] = row["other_dice_before"], row["other_dice_after"]
     row["others_worst_change"] = round(row["other_dice_after"] - row["other_dice_before"], 4)

@@ -1146,6 +1146,9 @@ def _model_card(
             "config": cfg.to_dict(),
         },
     }
+    if cfg.keep_parent:
+        card["metrics"]["validation"]["note"] = (
+            f"measured on the trained weights before {cfg.keep_parent:g} of the parent's weights were blended back in")
     if cfg.license:
         card["license"] = cfg.license
     return card
