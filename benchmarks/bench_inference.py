@@ -63,7 +63,8 @@ def model_alone(recorder: RecordingPredictor) -> float:
     return time.perf_counter() - start
 
 
-def run(size: tuple[int, int, int], model: str | None, backend: str, device: str, output_suffix: str) -> dict:
+def run(size: tuple[int, int, int], model: str | None, backend: str, device: str, output_suffix: str,
+        precision: str = "auto") -> dict:
     from MedSegAILib.backends import load_predictor
     from MedSegAILib.imageio import read_volume, write_volume
     from MedSegAILib.inference import SegmentOptions
@@ -80,7 +81,7 @@ def run(size: tuple[int, int, int], model: str | None, backend: str, device: str
 
     card = find_model(model)
     start = time.perf_counter()
-    recorder = RecordingPredictor(load_predictor(card, backend=backend, device=device))
+    recorder = RecordingPredictor(load_predictor(card, backend=backend, device=device, precision=precision))
     timings["model_load"] = time.perf_counter() - start
 
     start, cpu_start = time.perf_counter(), cpu_seconds()
@@ -107,7 +108,7 @@ def run(size: tuple[int, int, int], model: str | None, backend: str, device: str
         "size": "x".join(map(str, size)),
         "model": f"{card.id} {card.version}",
         "mode": card.spatial.mode,
-        "backend": recorder.name,
+        "backend": f"{recorder.name} {getattr(recorder.predictor, 'precision', 'fp32')}",
         "device": recorder.device,
         **{f"{stage}_s": round(seconds, 3) for stage, seconds in timings.items()},
         "end_to_end_s": round(end_to_end, 3),
@@ -129,12 +130,13 @@ def main() -> int:
     parser.add_argument("--size", nargs=3, type=int, default=[512, 512, 200], metavar=("X", "Y", "Z"))
     parser.add_argument("--model", default=None)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "int8"))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output-suffix", default=".seg.nrrd", choices=(".seg.nrrd", ".nrrd", ".nii.gz"))
     parser.add_argument("--repeat", type=int, default=1, help="runs; the median of each figure is reported")
     args = parser.parse_args()
     model = resolve_model_arg(args.model)
-    runs = [run(tuple(args.size), model, args.backend, args.device, args.output_suffix) for _ in range(args.repeat)]
+    runs = [run(tuple(args.size), model, args.backend, args.device, args.output_suffix, args.precision) for _ in range(args.repeat)]
     rows = []
     for statistic, pick in (("median", median), ("best", min)):
         row = dict(runs[0], statistic=statistic)

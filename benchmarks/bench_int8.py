@@ -18,7 +18,6 @@ import sys
 import time
 
 import numpy as np
-
 from _common import machine, median, print_report, synthetic_ct
 
 

@@ -119,7 +119,7 @@ def _grid(path: str) -> dict[str, Any]:
 
 
 def _same_grid(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    close = lambda u, v, tol: all(abs(x - y) <= tol for x, y in zip(u, v))  # noqa: E731
+    close = lambda u, v, tol: all(abs(x - y) <= tol for x, y in zip(u, v))
     return a["size"] == b["size"] and close(a["spacing"], b["spacing"], 1e-3) and close(a["origin"], b["origin"], 1e-2) \
         and close(a["direction"], b["direction"], 1e-4)
 
@@ -142,11 +142,20 @@ def run_medsegai(input_path: str, output: str, model: str, precision: str) -> di
 
 def run_monai(input_path: str, output: str, base: int, threads: int) -> dict[str, Any]:
     import torch
-    from monai.data import decollate_batch
     from monai.inferers import SliceInferer
-    from monai.transforms import (AsDiscreted, Compose, EnsureChannelFirstd, FillHolesd, Invertd,
-                                  KeepLargestConnectedComponentd, LoadImaged, Orientationd, SaveImaged,
-                                  ScaleIntensityRanged, Spacingd)
+    from monai.transforms import (
+        AsDiscreted,
+        Compose,
+        EnsureChannelFirstd,
+        FillHolesd,
+        Invertd,
+        KeepLargestConnectedComponentd,
+        LoadImaged,
+        Orientationd,
+        SaveImaged,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -157,7 +166,7 @@ def run_monai(input_path: str, output: str, base: int, threads: int) -> dict[str
         Orientationd(keys="image", axcodes="RAS"), Spacingd(keys="image", pixdim=(SPACING_XY, SPACING_XY, -1), mode="bilinear"),
         ScaleIntensityRanged(keys="image", a_min=-200, a_max=300, b_min=0.0, b_max=1.0, clip=True),
     ])
-    out_dir, out_name = os.path.dirname(output), os.path.basename(output)
+    out_dir = os.path.dirname(output)
     post = Compose([
         AsDiscreted(keys="pred", argmax=True),
         KeepLargestConnectedComponentd(keys="pred", applied_labels=list(range(1, NUM_CLASSES))),
@@ -319,7 +328,7 @@ def run_isolated(python: str, pipeline: str, args: argparse.Namespace, base: int
         os.close(read)
         try:
             row = run_one(python, pipeline, args, base, model, out_dir)
-        except BaseException as e:  # report, never propagate out of the fork
+        except BaseException as e:  # noqa: BLE001 - report, never propagate out of the fork
             row = {"pipeline": pipeline, "width": base, "error": repr(e)}
         os.write(write, json.dumps(row).encode())
         os._exit(0)
@@ -346,7 +355,7 @@ def _median(values: list[float]) -> float | None:
 def _versions(peer_python: str) -> dict[str, str]:
     code = ("import importlib.metadata as m\nfor p in ('torch','monai','nnunetv2','SimpleITK','nibabel','scikit-image'):\n"
             "    try: print(p, m.version(p))\n    except Exception: pass")
-    found = dict(line.split() for line in subprocess.run([peer_python, "-c", code], capture_output=True, text=True).stdout.splitlines())
+    found = dict(line.split() for line in subprocess.run([peer_python, "-c", code], capture_output=True, text=True, check=False).stdout.splitlines())
     from importlib.metadata import version
 
     found["onnxruntime"] = version("onnxruntime")
@@ -420,7 +429,7 @@ def main() -> int:
 
             graph = onnx.load(str(Path(models[base]) / "model.onnx")).graph
             entry["onnx_parameters"] = int(sum(__import__("numpy").prod(t.dims) for t in graph.initializer))
-        except Exception as e:  # informative only
+        except Exception as e:  # noqa: BLE001 - informative only
             entry["onnx_parameters"] = repr(e)
         for pipeline in pipelines:
             mine = [r for r in rows if r["pipeline"] == pipeline and r["width"] == base and "error" not in r]

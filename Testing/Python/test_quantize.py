@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from MedSegAILib.cli import main
 from MedSegAILib.errors import MedSegAIInputError
 from MedSegAILib.imageio import read_volume

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from MedSegAILib.errors import MedSegAIInputError, ModelFolderError
 
 __all__ = ["MAX_INT8_DICE_DROP", "quantize_model"]
@@ -73,7 +72,13 @@ def _quiet() -> Iterator[None]:
 
 
 def _quantize_file(source: Path, target: Path, windows: list[np.ndarray], input_name: str, work: Path) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
