@@ -45,8 +45,8 @@ DEFAULT_SHARED = REPO_ROOT.parent / "shared" / "data"
 BUDGETS = (0.0005, 0.001, 0.002, 0.005, 0.01)
 MAPS = ("entropy", "entropy_tta", "mutual_info")
 BAND_VOXELS = 2
-# Region thresholds tried: the entropy of a two-class split p / 1 − p (0.9 = uncertain_level, the default).
-REGION_SPLITS = (0.9, 0.97, 0.99)
+# Region thresholds tried: the entropy of a two-class split p / 1 − p (0.99 = uncertain_level, the default).
+REGION_SPLITS = (0.99, 0.9, 0.97)
 
 
 # ---------------------------------------------------------------- regions (the panel's order)
