@@ -215,3 +215,18 @@ def test_rank_orders_cases_by_expected_error(onnx_model: Path, tmp_path: Path, c
     assert "already exists" in capsys.readouterr().err and output.read_bytes() == before
     assert cli.main(["rank", str(tmp_path / "missing.nrrd"), "--model", str(onnx_model), "-o", str(tmp_path / "r2.csv")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "r2.csv").exists()
+
+
+def test_rank_case_folders_of_a_multichannel_model(tmp_path: Path) -> None:
+    from MedSegAILib.errors import MedSegAIInputError
+    from MedSegAILib.ranking import case_channel_paths
+
+    study = tmp_path / "study"
+    (study / "FLAIR").mkdir(parents=True)  # a DICOM folder named after its channel
+    (study / "T1post.nii.gz").write_bytes(b"")
+    (study / "T1post-old.nrrd").write_bytes(b"")  # not the channel's name: ignored
+    assert case_channel_paths(study, ["T1post", "FLAIR"]) == [study / "T1post.nii.gz", study / "FLAIR"]
+    with pytest.raises(MedSegAIInputError, match="has no T1prereg"):
+        case_channel_paths(study, ["T1post", "T1prereg", "FLAIR"])
+    with pytest.raises(MedSegAIInputError, match="must be a case folder"):
+        case_channel_paths(study / "T1post.nii.gz", ["T1post", "FLAIR"])
