@@ -40,8 +40,8 @@ __all__ = [
 
 SCALE = 255
 # A voxel is "uncertain" when its entropy reaches that of this two-class split (99 % / 1 %): chosen by
-# measurement (bench_uncertainty.py: the first 10 regions at this level hold 2-4x more of the brain model's
-# errors than at 90 / 10, in 0.1-2.5 % of the volume).
+# measurement (bench_uncertainty.py: the first 10 regions at this level hold about twice as many of the
+# held-out brain errors as at 90 / 10, 45-86 %).
 UNCERTAIN_SPLIT = 0.99
 # "Near" a segment: within this distance (mm) of one of its voxels, the segment itself included.
 NEAR_MM = 5.0
