@@ -45,8 +45,8 @@ DEFAULT_SHARED = REPO_ROOT.parent / "shared" / "data"
 BUDGETS = (0.0005, 0.001, 0.002, 0.005, 0.01)
 MAPS = ("entropy", "entropy_tta", "mutual_info")
 BAND_VOXELS = 2
-# Region thresholds tried: the entropy of a two-class split p / 1 − p (0.9 = uncertain_level, the default).
-REGION_SPLITS = (0.9, 0.97, 0.99)
+# Region thresholds tried: the entropy of a two-class split p / 1 − p (0.99 = uncertain_level, the default).
+REGION_SPLITS = (0.99, 0.9, 0.97)
 
 
 # ---------------------------------------------------------------- regions (the panel's order)
@@ -356,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--folds", type=Path, default=Path("/work/cache/loop/mr"),
                         help="folder holding fold-<patient>/model brain fold models (bench_loop.py)")
     parser.add_argument("--only", choices=("brain", "ct"), default=None)
+    parser.add_argument("--cases", nargs="*", default=None, metavar="TEXT", help="only cases whose name contains one of these")
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--cost-only", action="store_true")
     parser.add_argument("--cost-slices", type=int, default=100, help="Z of the synthetic 512x512xZ CT for the cost run")
@@ -373,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases += brain_cases(args.shared, args.folds if args.folds.is_dir() else None)
     if args.only in (None, "ct"):
         cases += ct_cases(args.shared)
+    if args.cases:
+        cases = [case for case in cases if any(text in case["name"] for text in args.cases)]
     rows, loaded = [], {}
     for case in cases:
         folder = str(case["model"] if isinstance(case["model"], Path) else case["model"].folder)

@@ -16,6 +16,8 @@ Pipeline (memory bounded: never a float32 classes × volume array):
    post-processing needs (islands, largest component) are gathered on the way, on the mapping
    thread (:mod:`components`). Then post-processing runs in place on that view: it only erases
    the pieces that go and fills holes.
+4. With an ``uncertainty`` array, the same row-interpolated probabilities also give the
+   normalised-entropy map (uint8, :mod:`uncertainty`), written through the same canonical view.
 
 Threads: the network call releases the GIL, so preparing the next 2D slab and mapping finished
 probabilities back (2D and 3D) run on worker threads while the network computes; at most one

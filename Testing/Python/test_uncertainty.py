@@ -121,18 +121,19 @@ def test_a_model_without_probabilities_cannot_give_a_map() -> None:
 
 
 def test_uncertain_level_and_measurements() -> None:
-    assert uncertain_level(2) == round(255 * (-(0.9 * math.log(0.9) + 0.1 * math.log(0.1))) / math.log(2))
+    assert uncertain_level(2, 0.9) == round(255 * (-(0.9 * math.log(0.9) + 0.1 * math.log(0.1))) / math.log(2)) == 120
+    assert uncertain_level(2) == 21  # the default: a 99/1 split
     assert uncertain_level(7) < uncertain_level(2)
     labels = np.zeros((3, 20, 20), np.uint8)
     labels[1, 5:10, 5:10] = 1
     uncertainty = np.zeros_like(labels)
-    uncertainty[1, 5:10, 5:10] = 51  # 0.2 inside
+    uncertainty[1, 5:10, 5:10] = 15  # certain enough inside (below 21)
     uncertainty[1, 10:12, 5:10] = 200  # 10 uncertain voxels touching the segment (within 5 mm)
     uncertainty[1, 18:20, 18:20] = 255  # 4 far away (> 5 mm)
     volume = Volume(array=labels, spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
     rows = compute_measurements(volume, [{"name": "bone", "value": 1}])
     uncertainty_measurements(volume, volume.with_array(uncertainty), rows, num_classes=2)
-    assert rows[0]["mean_uncertainty"] == 0.2
+    assert rows[0]["mean_uncertainty"] == round(15 / 255, 4)
     assert rows[0]["uncertain_ml_near"] == pytest.approx(10 * 2.0 / 1000)
     score = case_score(volume, volume.with_array(uncertainty), 2)
     assert score.expected_error == pytest.approx(14 / (25 + 14))
@@ -214,3 +215,18 @@ def test_rank_orders_cases_by_expected_error(onnx_model: Path, tmp_path: Path, c
     assert "already exists" in capsys.readouterr().err and output.read_bytes() == before
     assert cli.main(["rank", str(tmp_path / "missing.nrrd"), "--model", str(onnx_model), "-o", str(tmp_path / "r2.csv")]) == 2
     assert "does not exist" in capsys.readouterr().err and not (tmp_path / "r2.csv").exists()
+
+
+def test_rank_case_folders_of_a_multichannel_model(tmp_path: Path) -> None:
+    from MedSegAILib.errors import MedSegAIInputError
+    from MedSegAILib.ranking import case_channel_paths
+
+    study = tmp_path / "study"
+    (study / "FLAIR").mkdir(parents=True)  # a DICOM folder named after its channel
+    (study / "T1post.nii.gz").write_bytes(b"")
+    (study / "T1post-old.nrrd").write_bytes(b"")  # not the channel's name: ignored
+    assert case_channel_paths(study, ["T1post", "FLAIR"]) == [study / "T1post.nii.gz", study / "FLAIR"]
+    with pytest.raises(MedSegAIInputError, match="has no T1prereg"):
+        case_channel_paths(study, ["T1post", "T1prereg", "FLAIR"])
+    with pytest.raises(MedSegAIInputError, match="must be a case folder"):
+        case_channel_paths(study / "T1post.nii.gz", ["T1post", "FLAIR"])
