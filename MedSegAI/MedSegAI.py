@@ -2,8 +2,8 @@
 
 Slicer's scripted-module shape: ``MedSegAI`` (module description), ``MedSegAIParameterNode``
 (everything the panel shows, saved with the scene), ``MedSegAIWidget`` (GUI only),
-``MedSegAILogic`` (a thin Slicer-facing layer over :mod:`MedSegAILib.slicer_logic`,
-:mod:`MedSegAILib.dependencies` and :mod:`MedSegAILib.model_store`, which work on any MRML scene and
+``MedSegAILogic`` (a thin Slicer-facing layer over :mod:`MedSegAILib.slicer_bridge.slicer_logic`,
+:mod:`MedSegAILib.slicer_bridge.dependencies` and :mod:`MedSegAILib.model.store`, which work on any MRML scene and
 are what the pytest suites drive) and ``MedSegAITest`` (the in-Slicer self-test).
 
 The engine never runs inside Slicer's process: Segment, Fine-tune and installing packages start a
@@ -31,9 +31,10 @@ from slicer.ScriptedLoadableModule import (
 from slicer.parameterNodeWrapper import Choice, GuiConnector, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
-from MedSegAILib import dependencies, model_store, mrml, slicer_logic, uncertainty_review
-from MedSegAILib.backends import BACKENDS, DEVICES
-from MedSegAILib.errors import MedSegAIInputError
+from MedSegAILib.slicer_bridge import dependencies, mrml, slicer_logic, uncertainty_review
+from MedSegAILib.model import store as model_store
+from MedSegAILib.model.backends import BACKENDS, DEVICES
+from MedSegAILib.core.errors import MedSegAIInputError
 
 MAXIMUM_CHANNELS = 4
 POLL_INTERVAL_MILLISECONDS = 200
@@ -703,7 +704,7 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
     # -- models ------------------------------------------------------------------------------
 
     def availableModels(self) -> list:
-        from MedSegAILib.modelcard import list_models
+        from MedSegAILib.model.modelcard import list_models
 
         cards = list_models()
         self._cards = {self._cardKey(str(card.folder)): card for card in cards}
@@ -778,13 +779,13 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
     def segmentsToBeReplaced(self, parameterNode: MedSegAIParameterNode) -> list:
         return slicer_logic.segments_to_be_replaced(parameterNode.outputSegmentation, parameterNode.modelId)
 
-    def finishSegmentation(self, run: slicer_logic.SegmentationRun) -> slicer_logic.SegmentationResult:
+    def finishSegmentation(self, run: slicer_logic.SegmentationRun) -> slicer_logic.SceneResult:
         """Fill the scene; the run's uncertainty map replaces the last one and the region list starts over."""
         self.lastResult = run.finish(slicer.mrmlScene)
         self.uncertaintyReview.load_result(self.lastResult)
         return self.lastResult
 
-    def segment(self, parameterNode: MedSegAIParameterNode, timeout: Optional[float] = None) -> slicer_logic.SegmentationResult:
+    def segment(self, parameterNode: MedSegAIParameterNode, timeout: Optional[float] = None) -> slicer_logic.SceneResult:
         """Blocking segmentation (scripts and self-test)."""
         run = self.startSegmentation(parameterNode)
         try:
@@ -794,7 +795,7 @@ class MedSegAILogic(ScriptedLoadableModuleLogic):
             raise
         return self.finishSegmentation(run)
 
-    def showResult(self, result: slicer_logic.SegmentationResult) -> None:
+    def showResult(self, result: slicer_logic.SceneResult) -> None:
         """Show the segmentation over its input and the measurements table (in a layout that has a table view)."""
         displayNode = result.segmentation_node.GetDisplayNode()
         if displayNode is not None:

@@ -111,8 +111,8 @@ def resolve_model_arg(model: str | None) -> str:
 
     Exits with a clear message when neither is there (build a stand-in with make_standin_models.py).
     """
-    from MedSegAILib.errors import MedSegAIError
-    from MedSegAILib.modelcard import find_model
+    from MedSegAILib.core.errors import MedSegAIError
+    from MedSegAILib.model.modelcard import find_model
 
     try:
         return str(find_model(model).folder)
@@ -159,7 +159,7 @@ def segment_in_this_process(input_path: str, model: str, backend: str = "auto", 
     import time
 
     start_all = time.perf_counter()
-    from MedSegAILib.pipeline import run_segmentation
+    from MedSegAILib.inference.pipeline import run_segmentation
 
     imports = time.perf_counter() - start_all
     with tempfile.TemporaryDirectory(prefix="medsegai-bench-") as folder:
@@ -191,7 +191,7 @@ def tiled_ct_512(slices: int = 200, path: Path | None = None) -> Path:
     """
     import SimpleITK as sitk
 
-    from MedSegAILib.imageio import read_volume
+    from MedSegAILib.io.imageio import read_volume
 
     path = path or CACHE / f"ct_512x512x{slices}_tiled.nii.gz"
     if path.is_file():

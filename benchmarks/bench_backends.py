@@ -41,10 +41,10 @@ TARGET_RATIO = 1.2
 
 def record_batches(volume_path: Path, model: str, out: Path) -> int:
     """Segment with ONNX Runtime, saving every distinct batch shape and its call count (npz)."""
-    from MedSegAILib.backends import load_predictor
-    from MedSegAILib.imageio import read_volume
-    from MedSegAILib.modelcard import find_model
-    from MedSegAILib.pipeline import segment_case
+    from MedSegAILib.model.backends import load_predictor
+    from MedSegAILib.io.imageio import read_volume
+    from MedSegAILib.model.modelcard import find_model
+    from MedSegAILib.inference.pipeline import segment_case
 
     card = find_model(model)
     inner = load_predictor(card, backend="onnx")
@@ -74,8 +74,8 @@ def child_throughput(model: str, batches_file: str, repeat: int) -> dict:
     works at a time, ONNX Runtime threads do not spin) are reported next to wall seconds.
     """
     from _common import cpu_seconds
-    from MedSegAILib.backends import load_predictor
-    from MedSegAILib.modelcard import find_model
+    from MedSegAILib.model.backends import load_predictor
+    from MedSegAILib.model.modelcard import find_model
 
     data = np.load(batches_file)
     work = [(data[f"batch{i}"], int(data[f"count{i}"])) for i in range(len([k for k in data.files if k.startswith("batch")]))]
@@ -112,8 +112,8 @@ def child_throughput(model: str, batches_file: str, repeat: int) -> dict:
 
 
 def child_labels(model: str, backend: str, volume_path: str, out: str) -> dict:
-    from MedSegAILib.imageio import read_volume
-    from MedSegAILib.pipeline import segment_case
+    from MedSegAILib.io.imageio import read_volume
+    from MedSegAILib.inference.pipeline import segment_case
 
     labels, _ = segment_case([read_volume(volume_path)], model, backend=backend, device="cpu")
     np.save(out, labels.array)
@@ -121,8 +121,8 @@ def child_labels(model: str, backend: str, volume_path: str, out: str) -> dict:
 
 
 def child_auto(model: str) -> dict:
-    from MedSegAILib.backends import available_backends, load_predictor
-    from MedSegAILib.modelcard import find_model
+    from MedSegAILib.model.backends import available_backends, load_predictor
+    from MedSegAILib.model.modelcard import find_model
 
     return {"auto": load_predictor(find_model(model), backend="auto", device="cpu").name, "available": available_backends()}
 

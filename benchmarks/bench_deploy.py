@@ -39,7 +39,7 @@ def _size(path: Path) -> int:
 def _predictor(kind: str, path: Path):
     from medsegai_training.deploy import load_savedmodel_predictor
 
-    from MedSegAILib.backends import KerasPredictor, OnnxPredictor, TFLitePredictor
+    from MedSegAILib.model.backends import KerasPredictor, OnnxPredictor, TFLitePredictor
 
     if kind == "savedmodel":
         return load_savedmodel_predictor(path)
@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     from build_datasets import build_dataset
     from medsegai_training.deploy import _Recorder, export_deployment
 
-    from MedSegAILib.backends import KerasPredictor, import_tensorflow
-    from MedSegAILib.dataset import load_dataset, read_case
-    from MedSegAILib.inference import SegmentOptions
-    from MedSegAILib.modelcard import find_model
-    from MedSegAILib.pipeline import segment_case
+    from MedSegAILib.model.backends import KerasPredictor, import_tensorflow
+    from MedSegAILib.data.dataset import load_dataset, read_case
+    from MedSegAILib.inference.segment import SegmentOptions
+    from MedSegAILib.model.modelcard import find_model
+    from MedSegAILib.inference.pipeline import segment_case
 
     import_tensorflow()
     card = find_model(args.model)

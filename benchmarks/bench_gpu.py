@@ -55,7 +55,7 @@ def gpu_inventory() -> dict:
     except ImportError:
         pass
     try:
-        from MedSegAILib.backends import import_tensorflow
+        from MedSegAILib.model.backends import import_tensorflow
 
         found["tensorflow_gpus"] = len(import_tensorflow().config.list_physical_devices("GPU"))
     except ImportError:
@@ -65,9 +65,9 @@ def gpu_inventory() -> dict:
 
 
 def record_windows(volume_path: Path, card: object) -> list[np.ndarray]:
-    from MedSegAILib.backends import load_predictor
-    from MedSegAILib.imageio import read_volume
-    from MedSegAILib.pipeline import segment_case
+    from MedSegAILib.model.backends import load_predictor
+    from MedSegAILib.io.imageio import read_volume
+    from MedSegAILib.inference.pipeline import segment_case
 
     inner = load_predictor(card, backend="auto", device="auto")
     batches: list[np.ndarray] = []
@@ -97,7 +97,7 @@ def time_calls(predict, batches: list[np.ndarray], repeat: int) -> float:
 
 def keras_predictors(card: object) -> dict:
     """float32 and mixed_float16 versions of the card's Keras model (same weights)."""
-    from MedSegAILib.backends import import_tensorflow
+    from MedSegAILib.model.backends import import_tensorflow
 
     tf = import_tensorflow()
     import keras
@@ -136,7 +136,7 @@ def main() -> int:
         print("\nbench_gpu: NO GPU PRESENT - nothing measured.")
         return 0
 
-    from MedSegAILib.modelcard import find_model
+    from MedSegAILib.model.modelcard import find_model
 
     model = resolve_model_arg(args.model)
     card = find_model(model)
@@ -145,7 +145,7 @@ def main() -> int:
     rows = []
     candidates = keras_predictors(card) if card.weights_path("keras") else {}
     if inventory["onnxruntime_cuda"] and card.weights_path("onnx"):
-        from MedSegAILib.backends import OnnxPredictor
+        from MedSegAILib.model.backends import OnnxPredictor
 
         candidates["onnxruntime cuda fp32"] = OnnxPredictor(card.weights_path("onnx"), "gpu").predict
     for name, predict in candidates.items():

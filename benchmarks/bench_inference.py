@@ -65,12 +65,12 @@ def model_alone(recorder: RecordingPredictor) -> float:
 
 def run(size: tuple[int, int, int], model: str | None, backend: str, device: str, output_suffix: str,
         precision: str = "auto") -> dict:
-    from MedSegAILib.backends import load_predictor
-    from MedSegAILib.imageio import read_volume, write_volume
-    from MedSegAILib.inference import SegmentOptions
-    from MedSegAILib.modelcard import find_model
-    from MedSegAILib.pipeline import segment_case
-    from MedSegAILib.segfile import write_segmentation
+    from MedSegAILib.model.backends import load_predictor
+    from MedSegAILib.io.imageio import read_volume, write_volume
+    from MedSegAILib.inference.segment import SegmentOptions
+    from MedSegAILib.model.modelcard import find_model
+    from MedSegAILib.inference.pipeline import segment_case
+    from MedSegAILib.io.segfile import write_segmentation
 
     path = synthetic_ct(size)
     timings: dict[str, float] = {}

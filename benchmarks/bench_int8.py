@@ -41,11 +41,11 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    from MedSegAILib.backends import load_predictor
-    from MedSegAILib.imageio import read_volume
-    from MedSegAILib.inference import SegmentOptions
-    from MedSegAILib.modelcard import find_model
-    from MedSegAILib.pipeline import segment_case
+    from MedSegAILib.model.backends import load_predictor
+    from MedSegAILib.io.imageio import read_volume
+    from MedSegAILib.inference.segment import SegmentOptions
+    from MedSegAILib.model.modelcard import find_model
+    from MedSegAILib.inference.pipeline import segment_case
 
     card = find_model(args.model)
     inputs = args.input or [str(synthetic_ct((512, 512, 200)))]

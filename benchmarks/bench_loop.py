@@ -11,7 +11,7 @@ studies (PGBM-001, PGBM-003)
    with fewer steps (``--fold-epochs``; fold models are not kept in the repository, so this script
    trains them once and caches them under ``--cache``);
 2. it segments the earlier study; the reference mask (``MaskTumor``) plays the user's corrected
-   segmentation and is exported as a dataset case with ``MedSegAILib.dataset.add_case`` (the Slicer
+   segmentation and is exported as a dataset case with ``MedSegAILib.data.dataset.add_case`` (the Slicer
    export's function), recording how many voxels the correction changed;
 3. ``medsegai train FT -o NEW --init FOLD_MODEL`` fine-tunes with the default plan (no other option,
    what the panel's Fine-tune runs), timed;
@@ -107,7 +107,7 @@ def mr_studies(shared: Path) -> dict[str, list[Path]]:
 
 
 def _read_mr(study: Path) -> tuple[list[Any], Any]:
-    from MedSegAILib.imageio import read_volume
+    from MedSegAILib.io.imageio import read_volume
 
     images = [read_volume(_series(study, n)) for n in MR_CHANNELS]
     mask = read_volume(_series(study, "MaskTumor"))
@@ -117,7 +117,7 @@ def _read_mr(study: Path) -> tuple[list[Any], Any]:
 def _ct_cases(shared: Path) -> dict[str, tuple[list[Any], Any, str]]:
     """name -> (images, label, patient key): the two halves of example_ct_sm and example_ct_dicom."""
     from build_datasets import _map_totalsegmentator, _resample_nearest
-    from MedSegAILib.imageio import read_volume
+    from MedSegAILib.io.imageio import read_volume
 
     source = shared / "ct-abdomen"
     image = read_volume(source / "example_ct_sm.nii.gz")
@@ -144,8 +144,8 @@ def _crop_z(volume: Any, rows: slice) -> Any:
 
 def segment(model: Path, images: list[Any], work: Path, name: str) -> np.ndarray:
     """Labels of ``images`` by ``model`` through the engine (the CLI's path), ``(z, y, x)``."""
-    from MedSegAILib.imageio import read_volume, write_volume
-    from MedSegAILib.pipeline import run_segmentation
+    from MedSegAILib.io.imageio import read_volume, write_volume
+    from MedSegAILib.inference.pipeline import run_segmentation
 
     folder = work / "inputs" / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -201,7 +201,7 @@ def fine_tune(parent: Path, images: list[Any], reference: Any, before: np.ndarra
               labels: dict[str, int], patient: str, work: Path,
               recipe: Path | None = None) -> tuple[Path, float, dict[str, Any]]:
     """Export the corrected case like the Slicer panel, then ``medsegai train --init`` with the defaults."""
-    from MedSegAILib.dataset import add_case
+    from MedSegAILib.data.dataset import add_case
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -237,7 +237,7 @@ def fine_tune(parent: Path, images: list[Any], reference: Any, before: np.ndarra
 
 def bench_mr(shared: Path, cache: Path, fold_epochs: int, patients: Sequence[str] = LOOP_PATIENTS,
              recipe_override: Path | None = None, tag: str = "") -> list[dict[str, Any]]:
-    from MedSegAILib.dataset import add_case, load_dataset
+    from MedSegAILib.data.dataset import add_case, load_dataset
 
     studies = mr_studies(shared)
     recipe = json.loads((REPO_ROOT / "training" / "recipes" / "mr-brain-tumor.json").read_text(encoding="utf-8"))
@@ -297,7 +297,7 @@ def bench_mr(shared: Path, cache: Path, fold_epochs: int, patients: Sequence[str
 
 def bench_ct(shared: Path, cache: Path, fold_epochs: int, recipe_override: Path | None = None,
              tag: str = "") -> list[dict[str, Any]]:
-    from MedSegAILib.dataset import add_case, load_dataset
+    from MedSegAILib.data.dataset import add_case, load_dataset
 
     cases = _ct_cases(shared)
     recipe = json.loads((REPO_ROOT / "training" / "recipes" / "ct-abdomen-organs.json").read_text(encoding="utf-8"))
@@ -312,7 +312,7 @@ def bench_ct(shared: Path, cache: Path, fold_epochs: int, recipe_override: Path 
     if fold_epochs > 0:
         fold = train_fold(dataset, recipe, ids[:2], cache / "ct" / "fold-example_ct", fold_epochs)
     else:  # the shipped model (it saw both patients: "before" is optimistic on example_ct_sm)
-        from MedSegAILib.modelcard import find_model
+        from MedSegAILib.model.modelcard import find_model
 
         fold = find_model("ct-abdomen-organs").folder
     images, reference, patient = cases["sm_upper"]

@@ -38,8 +38,8 @@ TARGET_MB = 3 * 1024
 def child_baseline(model: str, backend: str) -> dict:
     """Imports + model load only."""
     start = time.perf_counter()
-    from MedSegAILib.backends import load_predictor
-    from MedSegAILib.modelcard import find_model
+    from MedSegAILib.model.backends import load_predictor
+    from MedSegAILib.model.modelcard import find_model
 
     predictor = load_predictor(find_model(model), backend=backend)
     return {"backend": predictor.name, "startup_s": round(time.perf_counter() - start, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}

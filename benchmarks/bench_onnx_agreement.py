@@ -6,7 +6,7 @@ For each model (default: the shipped models and any fine-tuned or fold model tha
 ``bench_loop.py`` cached under ``benchmarks/.cache/loop``), every axial slice of the model's real
 data (brain studies for MR models, both labelled CTs for CT models) is run through ``model.keras`` (TensorFlow) and ``model.onnx`` (ONNX Runtime, re-converted with
 ``medsegai_training.export.export_onnx`` when the folder has none) — the windows the engine's own
-inference makes (``MedSegAILib.inference.segment_volumes``) — and compared: max |Δp| over all
+inference makes (``MedSegAILib.inference.segment.segment_volumes``) — and compared: max |Δp| over all
 voxels and classes, the 99.99th percentile of |Δp|, and the share of voxels whose argmax label
 differs. Prints JSON lines and a table. The export check
 (``medsegai_training.export.ONNX_TOLERANCE`` / ``ONNX_LABEL_AGREEMENT``) must pass every row.
@@ -44,11 +44,11 @@ def _inputs(card: Any, shared: Path) -> list[list[Path]]:
 
 def measure(model: str, shared: Path) -> dict[str, Any]:
     """Segment the model's real data through the engine; every network batch goes to both backends."""
-    from MedSegAILib.backends import load_predictor
-    from MedSegAILib.imageio import read_volume
-    from MedSegAILib.inference import SegmentOptions, segment_volumes
-    from MedSegAILib.modelcard import ModelCard, find_model
-    from MedSegAILib.validation import check_channels
+    from MedSegAILib.model.backends import load_predictor
+    from MedSegAILib.io.imageio import read_volume
+    from MedSegAILib.inference.segment import SegmentOptions, segment_volumes
+    from MedSegAILib.model.modelcard import ModelCard, find_model
+    from MedSegAILib.inference.validation import check_channels
     from medsegai_training.export import export_onnx, load_keras_model, onnx_agreement
 
     card = find_model(model)

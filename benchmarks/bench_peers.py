@@ -7,7 +7,7 @@
 One run of this script alternates the pipelines (A B C A B C ..., the order rotated each round),
 each in a fresh child process so that its peak memory is its own (``wait4``'s ``ru_maxrss``):
 
-* ``medsegai``: :func:`MedSegAILib.pipeline.run_segmentation` (what ``medsegai segment`` does) with
+* ``medsegai``: :func:`MedSegAILib.inference.pipeline.run_segmentation` (what ``medsegai segment`` does) with
   a 2D U-Net model folder: base width 16 is the shipped ``ct-abdomen-organs`` folder (real
   weights; ``medsegai-int8`` is the same folder with ``--precision int8`` when it carries a
   validated int8 file), other widths are random-weight stand-ins of the same card
@@ -128,9 +128,9 @@ def _same_grid(a: dict[str, Any], b: dict[str, Any]) -> bool:
 # children
 # ---------------------------------------------------------------------------------------------
 def run_medsegai(input_path: str, output: str, model: str, precision: str) -> dict[str, Any]:
-    from MedSegAILib import backends
-    from MedSegAILib.inference import SegmentOptions
-    from MedSegAILib.pipeline import run_segmentation
+    from MedSegAILib.model import backends
+    from MedSegAILib.inference.segment import SegmentOptions
+    from MedSegAILib.inference.pipeline import run_segmentation
 
     clock = _Clock(backends.OnnxPredictor.predict)
     backends.OnnxPredictor.predict = lambda self, batch: clock(self, batch)  # type: ignore[method-assign]
@@ -403,8 +403,8 @@ def main() -> int:
                 folder.parent.mkdir(parents=True, exist_ok=True)
                 make_width_model(base, folder)
             models[base] = str(folder)
-    from MedSegAILib.modelcard import find_model
-    from MedSegAILib.precision import int8_weights
+    from MedSegAILib.model.modelcard import find_model
+    from MedSegAILib.model.precision import int8_weights
 
     rows: list[dict[str, Any]] = []
     info = {"machine": machine(), "input": args.input, "threads": args.threads, "versions": _versions(args.peer_python)}

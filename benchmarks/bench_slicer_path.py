@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, median, print_report, resolve_model_arg, synthetic_ct
 
 STARTUP_CODE = (
-    "import time; t=time.perf_counter(); from MedSegAILib.pipeline import run_segmentation; "
-    "from MedSegAILib.backends import load_predictor; from MedSegAILib.modelcard import find_model; "
+    "import time; t=time.perf_counter(); from MedSegAILib.inference.pipeline import run_segmentation; "
+    "from MedSegAILib.model.backends import load_predictor; from MedSegAILib.model.modelcard import find_model; "
     "p=load_predictor(find_model({model!r}), backend={backend!r}); print(p.name, time.perf_counter()-t)"
 )
 
@@ -62,8 +62,8 @@ def time_cli(volume: Path, model: str, backend: str) -> tuple[float, float]:
 
 def time_slicer(volume: Path, model: str, backend: str) -> tuple[float, float, dict]:
     import slicer
-    from MedSegAILib import mrml, slicer_logic
-    from MedSegAILib.imageio import read_volume
+    from MedSegAILib.slicer_bridge import mrml, slicer_logic
+    from MedSegAILib.io.imageio import read_volume
 
     scene = slicer.vtkMRMLScene()
     node = mrml.add_volume_node(scene, read_volume(volume), "CT")

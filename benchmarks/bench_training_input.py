@@ -55,8 +55,8 @@ def main() -> int:
         make_data_plan,
         make_train_dataset,
     )
-    from MedSegAILib.backends import import_tensorflow
-    from MedSegAILib.dataset import load_dataset, read_case
+    from MedSegAILib.model.backends import import_tensorflow
+    from MedSegAILib.data.dataset import load_dataset, read_case
 
     tf = import_tensorflow()
     import keras

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "MedSegAI"))
-from MedSegAILib.uncertain_regions import rank_regions
+from MedSegAILib.report.uncertain_regions import rank_regions
 
 
 def main() -> int:

@@ -69,7 +69,7 @@ def region_masks(uncertainty: np.ndarray, labels: np.ndarray, spacing: Sequence[
                  count: int = 10) -> tuple[list[np.ndarray], list[tuple[slice, ...]], str]:
     """The first ``count`` regions: voxel masks, bounding boxes, and which implementation ranked them."""
     try:
-        from MedSegAILib.uncertain_regions import rank_regions
+        from MedSegAILib.report.uncertain_regions import rank_regions
     except ImportError:
         masks = rank_regions_fallback(uncertainty, threshold)[:count]
         boxes = []
@@ -88,7 +88,7 @@ def region_masks(uncertainty: np.ndarray, labels: np.ndarray, spacing: Sequence[
         z, y, x = region.centre_zyx
         masks.append(components == components[z, y, x])
         boxes.append(box)
-    return masks, boxes, "MedSegAILib.uncertain_regions"
+    return masks, boxes, "MedSegAILib.report.uncertain_regions"
 
 
 # ---------------------------------------------------------------- figures
@@ -159,7 +159,7 @@ def dice(prediction: np.ndarray, reference: np.ndarray, values: Sequence[int]) -
 # ---------------------------------------------------------------- cases
 def brain_cases(shared: Path, folds: Path | None) -> list[dict[str, Any]]:
     from bench_loop import _read_mr, mr_studies
-    from MedSegAILib.modelcard import find_model
+    from MedSegAILib.model.modelcard import find_model
 
     shipped = find_model("mr-brain-tumor")
     cases = []
@@ -176,8 +176,8 @@ def brain_cases(shared: Path, folds: Path | None) -> list[dict[str, Any]]:
 
 def ct_cases(shared: Path) -> list[dict[str, Any]]:
     from build_datasets import _map_totalsegmentator, _resample_nearest
-    from MedSegAILib.imageio import read_volume
-    from MedSegAILib.modelcard import find_model
+    from MedSegAILib.io.imageio import read_volume
+    from MedSegAILib.model.modelcard import find_model
 
     source = shared / "ct-abdomen"
     model = find_model("ct-abdomen-organs")
@@ -204,10 +204,10 @@ def _flipped(predict: Callable[[np.ndarray], np.ndarray], axis: int) -> Callable
 
 
 def measure_case(case: dict[str, Any], predictor: Any, card: Any) -> dict[str, Any]:
-    from MedSegAILib.inference import SegmentOptions, segment_volumes
-    from MedSegAILib.ranking import case_score
-    from MedSegAILib.uncertainty import uncertain_level
-    from MedSegAILib.validation import check_channels
+    from MedSegAILib.inference.segment import SegmentOptions, segment_volumes
+    from MedSegAILib.inference.ranking import case_score
+    from MedSegAILib.inference.uncertainty import uncertain_level
+    from MedSegAILib.inference.validation import check_channels
 
     images, reference = case["load"]()
     images = check_channels(images, card.channel_names)
@@ -364,8 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
 
-    from MedSegAILib.backends import load_predictor
-    from MedSegAILib.modelcard import ModelCard
+    from MedSegAILib.model.backends import load_predictor
+    from MedSegAILib.model.modelcard import ModelCard
 
     cases = []
     if args.cost_only:

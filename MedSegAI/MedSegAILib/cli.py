@@ -16,10 +16,10 @@ import traceback
 from typing import Any, Sequence
 
 from . import __version__
-from .backends import BACKENDS, DEVICES
-from .precision import PRECISIONS
-from .argtypes import number_type
-from .errors import CancelledError, MedSegAIInputError
+from .model.backends import BACKENDS, DEVICES
+from .model.precision import PRECISIONS
+from .core.argtypes import number_type
+from .core.errors import CancelledError, MedSegAIInputError
 from .protocol import EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, encode_error
 
 __all__ = ["main", "build_parser"]
@@ -128,8 +128,8 @@ def _postprocessing_overrides(args: argparse.Namespace) -> dict[str, Any] | None
 
 
 def _run_segment(args: argparse.Namespace) -> int:
-    from .inference import SegmentOptions
-    from .pipeline import run_segmentation
+    from .inference.segment import SegmentOptions
+    from .inference.pipeline import run_segmentation
     from .progress import make_reporter
 
     cancel = _CancelFlag()
@@ -172,7 +172,7 @@ def _run_segment(args: argparse.Namespace) -> int:
 
 
 def _run_segment_dicomweb(args: argparse.Namespace, common: dict[str, Any]) -> int:
-    from .dicomweb import connect, segment_study
+    from .pacs.dicomweb import connect, segment_study
 
     if args.dicomweb is None or args.study is None:
         raise MedSegAIInputError("--dicomweb URL and --study UID go together; pass both.")
@@ -217,9 +217,9 @@ def _add_rank_command(subparsers: Any) -> None:
 
 
 def _run_rank(args: argparse.Namespace) -> int:
-    from .inference import SegmentOptions
+    from .inference.segment import SegmentOptions
     from .progress import make_reporter
-    from .ranking import rank_cases
+    from .inference.ranking import rank_cases
 
     cancel = _CancelFlag()
     cancel.install()
@@ -257,8 +257,8 @@ def _add_watch_command(subparsers: Any) -> None:
 
 
 def _run_watch(args: argparse.Namespace) -> int:
-    from .dicomweb import connect
-    from .watch import watch
+    from .pacs.dicomweb import connect
+    from .pacs.watch import watch
 
     cancel = _CancelFlag()
     cancel.install()
@@ -295,7 +295,7 @@ def _add_report_command(subparsers: Any) -> None:
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from .report import report_from_files
+    from .report.case_report import report_from_files
 
     path = report_from_files(args.inputs, args.labels, args.output, model=args.model, series_uid=args.series,
                              identify=args.report_identify, overwrite=args.overwrite)
@@ -310,7 +310,7 @@ def _add_models_command(subparsers: Any) -> None:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    from .modelcard import DEFAULT_MODEL_ID, list_models
+    from .model.modelcard import DEFAULT_MODEL_ID, list_models
 
     cards = list_models()
     if args.json:

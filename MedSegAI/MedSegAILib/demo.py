@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import MedSegAIInputError, optional_import
+from .core.errors import MedSegAIInputError, optional_import
 
 __all__ = ["sample_ct_path", "run_demo", "main"]
 
@@ -28,9 +28,9 @@ def run_demo(output_dir: str | Path, model: str | None = None) -> dict[str, Path
     Returns:
         Paths of the written segmentation, measurements and preview image.
     """
-    from .imageio import read_volume
-    from .pipeline import run_segmentation
-    from .preview import render_preview
+    from .io.imageio import read_volume
+    from .inference.pipeline import run_segmentation
+    from .report.preview import render_preview
     from .progress import make_reporter
 
     output_dir = Path(output_dir)

@@ -11,7 +11,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from medsegai_training.augment import DEFAULT_AUGMENTATION, augment_2d, augment_3d, resolve_config  # noqa: E402
-from MedSegAILib.imageio import read_volume  # noqa: E402
+from MedSegAILib.io.imageio import read_volume  # noqa: E402
 
 INTENSITY_OFF = {name: {"enabled": False} for name in
                  ("intensity_scale", "intensity_shift", "contrast", "gamma", "noise")}

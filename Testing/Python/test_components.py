@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from MedSegAILib import components as components_module
-from MedSegAILib.components import StreamedComponents
-from MedSegAILib.postprocessing import component_labels, postprocess_in_place
+from MedSegAILib.inference import components as components_module
+from MedSegAILib.inference.components import StreamedComponents
+from MedSegAILib.inference.postprocessing import component_labels, postprocess_in_place
 from scipy import ndimage
 
 SPACING = (3.0, 3.0, 3.0)  # example_seg.nii.gz: 27 mm³ per voxel

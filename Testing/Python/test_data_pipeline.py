@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MedSegAILib import dataset as ds
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.image import Volume
-from MedSegAILib.imageio import read_volume
-from MedSegAILib.inference import SegmentOptions, segment_volumes
-from MedSegAILib.modelcard import ModelCard
+from MedSegAILib.data import dataset as ds
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.core.image import Volume
+from MedSegAILib.io.imageio import read_volume
+from MedSegAILib.inference.segment import SegmentOptions, segment_volumes
+from MedSegAILib.model.modelcard import ModelCard
 from medsegai_training import data
 from medsegai_training.config import config_from_dict
 

@@ -1,4 +1,4 @@
-"""The dataset folder format (MedSegAILib.dataset): round trip, no overwrite, hashed patient keys,
+"""The dataset folder format (MedSegAILib.data.dataset): round trip, no overwrite, hashed patient keys,
 no identifiers in names/headers, and every bad-input case reported with case id and file."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MedSegAILib import dataset as ds
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.image import Volume
-from MedSegAILib.imageio import read_volume
+from MedSegAILib.data import dataset as ds
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.core.image import Volume
+from MedSegAILib.io.imageio import read_volume
 
 LABELS = {"spleen": 1, "liver": 2}
 
@@ -324,7 +324,7 @@ def test_export_waits_for_a_live_lock_then_says_busy(tmp_path: Path, ct_case: tu
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from MedSegAILib.filelock import exclusive_lock\n"
+            "from MedSegAILib.core.filelock import exclusive_lock\n"
             "with exclusive_lock(sys.argv[1], 5, 'busy'):\n"
             "    print('held', flush=True)\n"
             "    sys.stdin.readline()\n",

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MedSegAILib import dataset as ds
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.imageio import read_volume
+from MedSegAILib.data import dataset as ds
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.io.imageio import read_volume
 from medsegai_training.cli_data import add_dataset_commands, add_evaluate_command
 from medsegai_training.dataset_tools import import_nnunet
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from medsegai_training.evaluate import dice
 from MedSegAILib import demo
-from MedSegAILib.imageio import read_volume
-from MedSegAILib.modelcard import find_model
-from MedSegAILib.segfile import read_segmentation_labels
+from MedSegAILib.io.imageio import read_volume
+from MedSegAILib.model.modelcard import find_model
+from MedSegAILib.io.segfile import read_segmentation_labels
 from test_segfile import _slicer_segment_masks
 
 SEGMENTS = ["liver", "spleen", "kidney_left", "kidney_right", "stomach", "aorta"]

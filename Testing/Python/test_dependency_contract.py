@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from MedSegAILib import dependencies
+from MedSegAILib.slicer_bridge import dependencies
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENGINE = REPO_ROOT / "MedSegAI" / "MedSegAILib"
@@ -44,7 +44,7 @@ CLI_ONLY = {
 
 def _third_party_imports(folder: Path) -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
-    for path in folder.glob("*.py"):
+    for path in folder.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = []
             if isinstance(node, ast.Import):
@@ -120,7 +120,7 @@ def test_no_helper_process_opens_a_console_window(folder: Path) -> None:
     """On Windows a console child of the (window-less) engine flashes a console: every subprocess call
     outside process_tree.py passes hidden_window_flags(), and process_tree adds CREATE_NO_WINDOW itself."""
     offenders = []
-    for path in folder.glob("*.py"):
+    for path in folder.rglob("*.py"):
         if path.name == "process_tree.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from MedSegAILib.cli import main
-from MedSegAILib.modelcard import ModelCard
+from MedSegAILib.model.modelcard import ModelCard
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ def test_tflite_float_export_runs_as_a_backend(ct_dataset, ct_small, tmp_path) -
 
 
 def test_savedmodel_of_the_brain_model_is_tf_serving_layout(mr_dataset, tmp_path) -> None:
-    from MedSegAILib.backends import import_tensorflow
+    from MedSegAILib.model.backends import import_tensorflow
 
     out = tmp_path / "brain-serving"
     assert main(["export", "mr-brain-tumor", "--format", "savedmodel", "-o", str(out), "--data", str(mr_dataset),
@@ -135,7 +135,7 @@ def test_int8_dice_change_is_measured_and_bounded(ct_dataset, tmp_path) -> None:
 def test_int8_refusal_rule() -> None:
     from medsegai_training.deploy import MAX_INT8_DICE_DROP, check_int8
 
-    from MedSegAILib.errors import MedSegAIInputError
+    from MedSegAILib.core.errors import MedSegAIInputError
 
     check = {"cases": ["case_0001", "case_0002"], "dice_float": 0.9, "dice_export": 0.9 - MAX_INT8_DICE_DROP + 1e-6}
     check["dice_change"] = check["dice_export"] - check["dice_float"]
@@ -152,7 +152,7 @@ def test_a_layer_tflite_cannot_hold_is_named(ct_dataset, tmp_path, capsys) -> No
     import keras
     from analytic_models import threshold_model_folder
 
-    from MedSegAILib.backends import import_tensorflow
+    from MedSegAILib.model.backends import import_tensorflow
 
     tf = import_tensorflow()
 

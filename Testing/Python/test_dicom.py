@@ -12,8 +12,8 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from MedSegAILib import dicom, imageio
-from MedSegAILib.errors import MedSegAIInputError
+from MedSegAILib.io import dicom, imageio
+from MedSegAILib.core.errors import MedSegAIInputError
 
 T1POST_UID = "1.3.6.1.4.1.14519.5.2.1.4429.7055.197322826283777183783875680644"
 SERIES = {

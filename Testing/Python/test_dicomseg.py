@@ -13,10 +13,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from MedSegAILib import cli, dicomseg
-from MedSegAILib.imageio import read_volume
-from MedSegAILib.modelcard import find_model
-from MedSegAILib.segfile import read_segmentation_labels
+from MedSegAILib import cli
+from MedSegAILib.io import dicomseg
+from MedSegAILib.io.imageio import read_volume
+from MedSegAILib.model.modelcard import find_model
+from MedSegAILib.io.segfile import read_segmentation_labels
 
 pytest.importorskip("highdicom", reason="the dicom extra (pip install -e .[dicom]) is not installed")
 

@@ -10,10 +10,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from MedSegAILib import cli, dicomseg
-from MedSegAILib.dicom import scan_dicom_folder
-from MedSegAILib.dicomweb import USER_VARIABLE, PASSWORD_VARIABLE, connect
-from MedSegAILib.segfile import read_segmentation_labels
+from MedSegAILib import cli
+from MedSegAILib.io import dicomseg
+from MedSegAILib.io.dicom import scan_dicom_folder
+from MedSegAILib.pacs.dicomweb import USER_VARIABLE, PASSWORD_VARIABLE, connect
+from MedSegAILib.io.segfile import read_segmentation_labels
 
 pytest.importorskip("highdicom", reason="the dicom extra (pip install -e .[dicom]) is not installed")
 pytest.importorskip("dicomweb_client", reason="the dicom extra (pip install -e .[dicom]) is not installed")
@@ -72,7 +73,7 @@ def test_round_trip_stores_the_file_based_labels(orthanc, ct_study: str, ct_dico
     assert seg.StudyInstanceUID == ct_study
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source[0].SeriesInstanceUID
     assert len(seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence) == len(source)
-    from MedSegAILib.modelcard import find_model
+    from MedSegAILib.model.modelcard import find_model
 
     back = dicomseg.read_dicom_seg_labels(path, source, find_model(None).labels)
     file_based, _ = read_segmentation_labels(ct_dicom_seg_run["nrrd"])

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from MedSegAILib import engine_process
-from MedSegAILib.process_tree import ProcessTree, group_members
+from MedSegAILib.slicer_bridge import engine_process
+from MedSegAILib.slicer_bridge.process_tree import ProcessTree, group_members
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process table from /proc")
 
@@ -110,8 +110,8 @@ def test_cancel_mid_segmentation_behind_a_launcher(tmp_path: Path, shared_data: 
     """The real engine behind the launcher stub: Cancel mid-model leaves no process, file or node."""
     slicer = pytest.importorskip("slicer")
     sitk = pytest.importorskip("SimpleITK")
-    from MedSegAILib import mrml, slicer_logic
-    from MedSegAILib.image import Volume
+    from MedSegAILib.slicer_bridge import mrml, slicer_logic
+    from MedSegAILib.core.image import Volume
 
     scene = slicer.vtkMRMLScene()
     big = Volume.from_sitk(sitk.ReadImage(str(shared_data / "ct-abdomen" / "example_ct.nii.gz")))

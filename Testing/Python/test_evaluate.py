@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MedSegAILib import dataset as ds
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.image import Volume
-from MedSegAILib.imageio import read_volume
+from MedSegAILib.data import dataset as ds
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.core.image import Volume
+from MedSegAILib.io.imageio import read_volume
 from medsegai_training.evaluate import dice, evaluate_model, hd95_mm, surface_distances_mm, volume_error
 
 
@@ -166,7 +166,7 @@ def test_evaluate_empty_prediction_writes_inf(tmp_path: Path, liver_dataset: tup
 
 
 def test_evaluate_with_real_pipeline(tmp_path: Path, ct_small: Path, analytic_model_dir: Path) -> None:
-    """The analytic bone-threshold model through MedSegAILib.pipeline.segment_case: Dice must be 1."""
+    """The analytic bone-threshold model through MedSegAILib.inference.pipeline.segment_case: Dice must be 1."""
     from analytic_models import THRESHOLD_HU
 
     image = read_volume(ct_small)

@@ -15,10 +15,10 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("tf2onnx")
 onnx = pytest.importorskip("onnx")
 
-from MedSegAILib.errors import MedSegAIInputError, ModelFolderError  # noqa: E402
-from MedSegAILib.imageio import read_volume  # noqa: E402
-from MedSegAILib.modelcard import ModelCard, validate_model_dict  # noqa: E402
-from MedSegAILib.preprocessing import normalize  # noqa: E402
+from MedSegAILib.core.errors import MedSegAIInputError, ModelFolderError  # noqa: E402
+from MedSegAILib.io.imageio import read_volume  # noqa: E402
+from MedSegAILib.model.modelcard import ModelCard, validate_model_dict  # noqa: E402
+from MedSegAILib.inference.preprocessing import normalize  # noqa: E402
 from medsegai_training.export import ONNX_TOLERANCE, export_model_folder, load_keras_model  # noqa: E402
 from medsegai_training.models import build_model, resolve_config  # noqa: E402
 
@@ -150,7 +150,7 @@ def test_export_validates_and_onnx_matches_keras_on_real_ct(builder: str, tmp_pa
 
 
 def test_exported_folder_runs_through_engine_backends(tmp_path: Path, ct_array: np.ndarray) -> None:
-    from MedSegAILib.backends import load_predictor
+    from MedSegAILib.model.backends import load_predictor
 
     keras.utils.set_random_seed(2)
     config = CONFIGS["unet_2d"]

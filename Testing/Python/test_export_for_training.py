@@ -13,9 +13,10 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from MedSegAILib import dataset, mrml, slicer_logic  # noqa: E402
-from MedSegAILib.errors import MedSegAIInputError  # noqa: E402
-from MedSegAILib.imageio import read_volume  # noqa: E402
+from MedSegAILib.data import dataset  # noqa: E402
+from MedSegAILib.slicer_bridge import mrml, slicer_logic  # noqa: E402
+from MedSegAILib.core.errors import MedSegAIInputError  # noqa: E402
+from MedSegAILib.io.imageio import read_volume  # noqa: E402
 
 THRESHOLD = 300.5
 
@@ -129,7 +130,7 @@ def test_edit_export_and_reread(loaded_study, brain_model: Path, patient: dict[s
 
 
 def test_export_refuses_bad_requests(loaded_study, brain_model: Path, tmp_path: Path) -> None:
-    from MedSegAILib.modelcard import ModelCard
+    from MedSegAILib.model.modelcard import ModelCard
 
     scene, (t1_node, flair_node) = loaded_study
     card = ModelCard.from_folder(brain_model)
@@ -154,8 +155,8 @@ def test_export_refuses_bad_requests(loaded_study, brain_model: Path, tmp_path: 
 
 
 def test_extra_channel_on_another_grid_is_resampled(loaded_study, brain_model: Path, tmp_path: Path) -> None:
-    from MedSegAILib.image import Volume
-    from MedSegAILib.modelcard import ModelCard
+    from MedSegAILib.core.image import Volume
+    from MedSegAILib.model.modelcard import ModelCard
 
     scene, (t1_node, flair_node) = loaded_study
     card = ModelCard.from_folder(brain_model)

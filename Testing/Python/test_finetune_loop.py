@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 
 from MedSegAILib import cli
-from MedSegAILib.dataset import add_case
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.imageio import read_volume
-from MedSegAILib.modelcard import ModelCard, find_model
+from MedSegAILib.data.dataset import add_case
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.io.imageio import read_volume
+from MedSegAILib.model.modelcard import ModelCard, find_model
 from medsegai_training.finetune import KEEP_PARENT, TIME_BUDGET_S, fine_tune_plan
 
 TINY = {
@@ -174,7 +174,7 @@ def test_onnx_that_disagrees_still_gives_a_usable_folder(
     assert card.files == {"keras": "model.keras"} and "disagree" in card.raw["provenance"]["onnx_skipped"]
     assert card.raw["provenance"]["onnx_label_agreement"] < 0.9999
 
-    from MedSegAILib.backends import load_predictor
+    from MedSegAILib.model.backends import load_predictor
 
     assert load_predictor(card, backend="auto").name == "tensorflow"
     seg = tmp_path / "seg.nrrd"

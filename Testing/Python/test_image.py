@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from MedSegAILib.image import present_values
+from MedSegAILib.core.image import present_values
 
 
 def test_present_values_equals_numpy_unique_on_real_labels(ct_small_labels) -> None:

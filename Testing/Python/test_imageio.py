@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from MedSegAILib import imageio
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.image import Volume
+from MedSegAILib.io import imageio
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.core.image import Volume
 
 
 def _oblique_flipped_direction() -> np.ndarray:

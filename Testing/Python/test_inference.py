@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import SimpleITK as sitk
-from MedSegAILib import inference
-from MedSegAILib.components import StreamedComponents
-from MedSegAILib.errors import CancelledError, MedSegAIInputError
-from MedSegAILib.image import Volume
-from MedSegAILib.inference import (
+from MedSegAILib.inference import segment as inference
+from MedSegAILib.inference.components import StreamedComponents
+from MedSegAILib.core.errors import CancelledError, MedSegAIInputError
+from MedSegAILib.core.image import Volume
+from MedSegAILib.inference.segment import (
     SegmentOptions,
     _RowMapper,
     argmax_labels,
@@ -22,8 +22,8 @@ from MedSegAILib.inference import (
     segment_volumes,
     upsample_argmax,
 )
-from MedSegAILib.postprocessing import postprocess
-from MedSegAILib.preprocessing import resample_axis_aligned
+from MedSegAILib.inference.postprocessing import postprocess
+from MedSegAILib.inference.preprocessing import resample_axis_aligned
 from scipy import ndimage
 
 THRESHOLD_HU = 200.0
@@ -42,7 +42,7 @@ def make_card(
     batch_size: int = 4,
     postprocessing: dict | None = None,
 ) -> types.SimpleNamespace:
-    """A stand-in for MedSegAILib.modelcard.ModelCard with exactly the attributes inference reads."""
+    """A stand-in for MedSegAILib.model.modelcard.ModelCard with exactly the attributes inference reads."""
     spec = normalization or {"method": "none"}
     return types.SimpleNamespace(
         channels=[types.SimpleNamespace(name=f"ch{c}", normalization=spec) for c in range(channels)],

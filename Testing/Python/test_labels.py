@@ -1,8 +1,8 @@
 """One label, one terminology: the CLI's .seg.nrrd and the Slicer Logic's segment carry the same entry.
 
 Every shipped label's segment is written both ways, on slicer-core's real MRML: by
-:func:`MedSegAILib.segfile.write_segmentation` (the CLI's ``-o X.seg.nrrd``) and read back with
-Slicer's own ``vtkMRMLSegmentationStorageNode``, and by :func:`MedSegAILib.mrml.update_segmentation_node`
+:func:`MedSegAILib.io.segfile.write_segmentation` (the CLI's ``-o X.seg.nrrd``) and read back with
+Slicer's own ``vtkMRMLSegmentationStorageNode``, and by :func:`MedSegAILib.slicer_bridge.mrml.update_segmentation_node`
 (what the panel's Segment fills). The terminology tag strings must be equal, name Slicer's DICOM
 master list, and be what Slicer's terminology logic parses.
 """
@@ -17,9 +17,11 @@ import pytest
 slicer = pytest.importorskip("slicer")
 pytest.importorskip("slicerio")
 
-from MedSegAILib import labels, mrml, segfile  # noqa: E402
-from MedSegAILib.image import Volume  # noqa: E402
-from MedSegAILib.modelcard import list_models  # noqa: E402
+from MedSegAILib.core import labels  # noqa: E402
+from MedSegAILib.slicer_bridge import mrml  # noqa: E402
+from MedSegAILib.io import segfile  # noqa: E402
+from MedSegAILib.core.image import Volume  # noqa: E402
+from MedSegAILib.model.modelcard import list_models  # noqa: E402
 
 
 def _tag(segment) -> str:

@@ -19,9 +19,10 @@ import pytest
 slicer = pytest.importorskip("slicer")
 sitk = pytest.importorskip("SimpleITK")
 
-from MedSegAILib import engine_process, model_store, mrml, slicer_logic  # noqa: E402
-from MedSegAILib.image import Volume  # noqa: E402
-from MedSegAILib.modelcard import list_models  # noqa: E402
+from MedSegAILib.slicer_bridge import engine_process, mrml, slicer_logic  # noqa: E402
+from MedSegAILib.model import store as model_store  # noqa: E402
+from MedSegAILib.core.image import Volume  # noqa: E402
+from MedSegAILib.model.modelcard import list_models  # noqa: E402
 from medsegai_training.finetune import MIN_STEPS, TIME_BUDGET_S  # noqa: E402
 
 FIRST_THRESHOLD_HU = 300.0
@@ -43,7 +44,7 @@ def ct(ct_small: Path) -> Volume:
 @pytest.fixture(scope="module")
 def parent_model(ct: Volume, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small bone model (> 300 HU) trained with the command line, as a shipped model would be."""
-    from MedSegAILib import dataset
+    from MedSegAILib.data import dataset
 
     root = tmp_path_factory.mktemp("parent")
     labels = ct.with_array((ct.array > FIRST_THRESHOLD_HU).astype(np.uint8))

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from MedSegAILib import imageio
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.image import Volume
-from MedSegAILib.measurements import CSV_COLUMNS, compute_measurements, max_feret_diameter, write_measurements
+from MedSegAILib.io import imageio
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.core.image import Volume
+from MedSegAILib.report.measurements import CSV_COLUMNS, compute_measurements, max_feret_diameter, write_measurements
 
 
 def _brute_force_diameter(points: np.ndarray) -> float:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from analytic_models import THRESHOLD_HU, lambda_model_folder, threshold_model_folder
-from MedSegAILib.backends import load_predictor
-from MedSegAILib.errors import MedSegAIInputError, ModelFolderError
-from MedSegAILib.modelcard import ModelCard, find_model, list_models, validate_model_dict
+from MedSegAILib.model.backends import load_predictor
+from MedSegAILib.core.errors import MedSegAIInputError, ModelFolderError
+from MedSegAILib.model.modelcard import ModelCard, find_model, list_models, validate_model_dict
 
 
 def test_analytic_card_is_valid(analytic_model_dir: Path) -> None:

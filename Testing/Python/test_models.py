@@ -10,7 +10,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from MedSegAILib.errors import MedSegAIInputError, ModelFolderError  # noqa: E402
+from MedSegAILib.core.errors import MedSegAIInputError, ModelFolderError  # noqa: E402
 from medsegai_training.export import load_keras_model  # noqa: E402
 from medsegai_training.models import (  # noqa: E402
     CBAM,
@@ -264,7 +264,7 @@ def test_a_model_saved_by_a_newer_keras_is_rebuilt_from_its_card(tmp_path: Path)
 
     import keras
 
-    from MedSegAILib.modelcard import builtin_models_dir
+    from MedSegAILib.model.modelcard import builtin_models_dir
 
     source = builtin_models_dir() / "mr-brain-tumor"
     folder = tmp_path / "model"

@@ -296,12 +296,12 @@ def test_widget_calls_logic_only_inside_try_with_error_display(tree: ast.Module)
 
 def test_cmake_lists_every_engine_file_and_resource() -> None:
     cmake = (MODULE_DIR / "CMakeLists.txt").read_text(encoding="utf-8")
-    listed = set(re.findall(r"^\s*(MedSegAILib/[A-Za-z0-9_]+\.py)\s*$", cmake, re.MULTILINE))
-    present = {f"MedSegAILib/{p.name}" for p in (MODULE_DIR / "MedSegAILib").glob("*.py")}
+    listed = set(re.findall(r"^\s*(MedSegAILib/[A-Za-z0-9_/]+\.py)\s*$", cmake, re.MULTILINE))
+    present = {p.relative_to(MODULE_DIR).as_posix() for p in (MODULE_DIR / "MedSegAILib").rglob("*.py")}
     assert present - listed == set(), f"missing from MedSegAI/CMakeLists.txt: {sorted(present - listed)}"
     assert listed - present == set(), f"listed but not present: {sorted(listed - present)}"
     for needle in ("${MODULE_NAME}.py", "Resources/Icons/${MODULE_NAME}.png", "Resources/UI/${MODULE_NAME}.ui",
-                   "Resources/requirements.txt", "Resources/Models/*", "MedSegAILib/schemas/*.json",
+                   "Resources/requirements.txt", "Resources/Models/*", "MedSegAILib/model/schemas/*.json",
                    "slicerMacroBuildScriptedModule", "WITH_GENERIC_TESTS", "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)"):
         assert needle in cmake, f"MedSegAI/CMakeLists.txt lacks {needle}"
     assert re.search(r"set\(MODULE_NAME MedSegAI\)", cmake)
@@ -316,8 +316,8 @@ def test_cmake_lists_every_engine_file_and_resource() -> None:
 
 
 def test_requirements_are_pinned_and_never_touch_slicer_packages() -> None:
-    from MedSegAILib import dependencies
-    from MedSegAILib.errors import MedSegAIInputError
+    from MedSegAILib.slicer_bridge import dependencies
+    from MedSegAILib.core.errors import MedSegAIInputError
 
     requirements = dependencies.read_requirements()
     assert set(requirements) == {"onnxruntime", "tensorflow", "tf2onnx", "onnx"}
@@ -333,7 +333,7 @@ def test_requirements_are_pinned_and_never_touch_slicer_packages() -> None:
 
 
 def test_missing_packages_reports_only_what_is_absent() -> None:
-    from MedSegAILib import dependencies
+    from MedSegAILib.slicer_bridge import dependencies
 
     assert dependencies.missing_packages("segment", "onnx") == []  # the test environment has ONNX Runtime
     assert dependencies.missing_packages("segment", "tensorflow") == []
@@ -346,8 +346,8 @@ def test_missing_packages_reports_only_what_is_absent() -> None:
 
 def test_needed_packages_follow_the_model_files(analytic_model_dir: Path) -> None:
     """auto: a model with model.onnx runs on ONNX Runtime or TensorFlow; a .keras-only model needs TensorFlow."""
-    from MedSegAILib import dependencies
-    from MedSegAILib.modelcard import ModelCard
+    from MedSegAILib.slicer_bridge import dependencies
+    from MedSegAILib.model.modelcard import ModelCard
 
     card = ModelCard.from_folder(analytic_model_dir)
     shipped = [(name,) for name in dependencies.SHIPPED_BY_SLICER]
@@ -370,8 +370,8 @@ def test_missing_packages_of_an_external_engine_python(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from MedSegAILib import dependencies
-    from MedSegAILib.errors import MedSegAIInputError
+    from MedSegAILib.slicer_bridge import dependencies
+    from MedSegAILib.core.errors import MedSegAIInputError
 
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "env")], check=True, timeout=120)
     python = tmp_path / "env" / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")

@@ -1,4 +1,4 @@
-"""MedSegAILib.mrml: volume/segmentation nodes <-> Volume, on slicer-core's real MRML scene.
+"""MedSegAILib.slicer_bridge.mrml: volume/segmentation nodes <-> Volume, on slicer-core's real MRML scene.
 
 Geometry must survive exactly (IJKToRAS vs. LPS), including an oblique and a left-right-flipped
 volume; Slicer's own NRRD reader and labelmap exporter are used as independent references.
@@ -14,9 +14,9 @@ import pytest
 slicer = pytest.importorskip("slicer")
 sitk = pytest.importorskip("SimpleITK")
 
-from MedSegAILib import mrml  # noqa: E402
-from MedSegAILib.errors import MedSegAIInputError  # noqa: E402
-from MedSegAILib.image import Volume  # noqa: E402
+from MedSegAILib.slicer_bridge import mrml  # noqa: E402
+from MedSegAILib.core.errors import MedSegAIInputError  # noqa: E402
+from MedSegAILib.core.image import Volume  # noqa: E402
 
 LIVER_TERMINOLOGY = {
     "category": {"scheme": "SCT", "code": "123037004", "meaning": "Anatomical Structure"},

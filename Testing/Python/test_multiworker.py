@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MedSegAILib.dataset import add_case
-from MedSegAILib.imageio import read_volume
+from MedSegAILib.data.dataset import add_case
+from MedSegAILib.io.imageio import read_volume
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from MedSegAILib.parallel_gzip import crc32_combine, gzip_blocks, write_gzip
+from MedSegAILib.io.parallel_gzip import crc32_combine, gzip_blocks, write_gzip
 
 
 def _one_member(data: bytes) -> bytes:

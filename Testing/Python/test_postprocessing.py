@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.postprocessing import (
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.inference.postprocessing import (
     _largest_component,
     postprocess,
     postprocess_in_place,
@@ -184,7 +184,7 @@ def _fill_holes_split_and_whole(labels: np.ndarray, config: dict, names: dict[in
     """Holes filled by one search per box, and by two half-box searches joined at the seam."""
     from unittest import mock
 
-    from MedSegAILib import postprocessing
+    from MedSegAILib.inference import postprocessing
 
     with mock.patch.dict("os.environ", {"MEDSEGAI_THREADS": "1"}):
         whole = postprocess(labels, SPACING, config, names)
@@ -223,7 +223,7 @@ def test_split_hole_search_holds_one_labels_components_at_a_time() -> None:
     import tracemalloc
     from unittest import mock
 
-    from MedSegAILib import postprocessing
+    from MedSegAILib.inference import postprocessing
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 5, size=(24, 128, 128)).astype(np.uint8)

@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from MedSegAILib.image import Volume
-from MedSegAILib.preprocessing import (
+from MedSegAILib.core.image import Volume
+from MedSegAILib.inference.preprocessing import (
     intensity_statistics,
     normalize,
     reorient_to_canonical,

@@ -1,4 +1,4 @@
-"""Tests of MedSegAILib.preview (the three-slice PNG of a segmentation) on the real abdomen CT."""
+"""Tests of MedSegAILib.report.preview (the three-slice PNG of a segmentation) on the real abdomen CT."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.image import Volume
-from MedSegAILib.preview import canonical_lps_array, render_preview
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.core.image import Volume
+from MedSegAILib.report.preview import canonical_lps_array, render_preview
 
 # TotalSegmentator ids in example_seg.nii.gz
 LIVER, SPLEEN, AORTA, KIDNEY_LEFT = 5, 1, 52, 3
@@ -99,7 +99,7 @@ def test_preview_png_has_a_legend_entry_per_present_segment(ct_and_labels, tmp_p
 
 
 def test_preview_accepts_a_model_card_label_list_and_anisotropic_spacing(ct_and_labels, tmp_path):
-    from MedSegAILib.modelcard import LabelSpec
+    from MedSegAILib.model.modelcard import LabelSpec
 
     image, labels = ct_and_labels
     thick = Volume(image.array, (image.spacing[0], image.spacing[1], 9.0), image.origin, image.direction)

@@ -10,8 +10,8 @@ import pytest
 
 from MedSegAILib import protocol
 from MedSegAILib.cli import main
-from MedSegAILib.engine_process import EngineProcess, engine_environment
-from MedSegAILib.pipeline import run_segmentation
+from MedSegAILib.slicer_bridge.engine_process import EngineProcess, engine_environment
+from MedSegAILib.inference.pipeline import run_segmentation
 from MedSegAILib.progress import JsonReporter
 
 

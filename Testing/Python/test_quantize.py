@@ -13,18 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from MedSegAILib.cli import main
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.imageio import read_volume
-from MedSegAILib.inference import SegmentOptions
-from MedSegAILib.modelcard import ModelCard
-from MedSegAILib.pipeline import segment_case
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.io.imageio import read_volume
+from MedSegAILib.inference.segment import SegmentOptions
+from MedSegAILib.model.modelcard import ModelCard
+from MedSegAILib.inference.pipeline import segment_case
 
 THRESHOLD_HU = 300.5
 
 
 @pytest.fixture(scope="module")
 def bone_dataset(ct_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from MedSegAILib.dataset import add_case
+    from MedSegAILib.data.dataset import add_case
 
     image = read_volume(ct_small)
     label = image.with_array((np.asarray(image.array) > THRESHOLD_HU).astype(np.uint8))
@@ -75,7 +75,7 @@ def test_quantize_writes_a_validated_int8_file_the_engine_runs(quantized, ct_sma
 
 
 def test_auto_takes_int8_only_when_validated_faster_and_unchanged(quantized) -> None:
-    from MedSegAILib.precision import resolve_int8
+    from MedSegAILib.model.precision import resolve_int8
 
     folder, record = quantized
     try:

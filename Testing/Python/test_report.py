@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from MedSegAILib.cli import main
-from MedSegAILib.pdfwriter import _HELVETICA, _HELVETICA_BOLD, PdfDocument, text_width
+from MedSegAILib.report.pdfwriter import _HELVETICA, _HELVETICA_BOLD, PdfDocument, text_width
 
 pypdf = pytest.importorskip("pypdf", reason="pypdf is a dev dependency: pip install -e .[dev]")
 

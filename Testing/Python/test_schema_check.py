@@ -1,4 +1,4 @@
-"""MedSegAILib.schema_check gives jsonschema's verdict on model cards (Slicer ships no jsonschema).
+"""MedSegAILib.model.schema_check gives jsonschema's verdict on model cards (Slicer ships no jsonschema).
 
 Every shipped and test model card is mutated at every place it has (key deleted, value replaced by
 values of other types and out of range, unknown key added) and each mutant is judged by both
@@ -16,8 +16,8 @@ import pytest
 
 jsonschema = pytest.importorskip("jsonschema")
 
-from MedSegAILib import modelcard  # noqa: E402
-from MedSegAILib.schema_check import iter_problems  # noqa: E402
+from MedSegAILib.model import modelcard  # noqa: E402
+from MedSegAILib.model.schema_check import iter_problems  # noqa: E402
 
 REPLACEMENTS: list[Any] = [None, True, 0, -1, 1.5, 256, 1e9, "", "x", "LPS", [], [0], [1, 2, 3], {}, {"a": 1}]
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import slicerio
 
-from MedSegAILib import imageio, segfile
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.image import Volume
+from MedSegAILib.io import imageio, segfile
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.core.image import Volume
 
 ANATOMY = {"scheme": "SCT", "code": "123037004", "meaning": "Anatomical Structure"}
 LABELS = [

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from medsegai_training.evaluate import dice
-from MedSegAILib.image import Volume
-from MedSegAILib.modelcard import ModelCard, find_model, validate_model_dict
+from MedSegAILib.core.image import Volume
+from MedSegAILib.model.modelcard import ModelCard, find_model, validate_model_dict
 
 MODELS_DIR = Path(__file__).resolve().parents[2] / "MedSegAI" / "Resources" / "Models"
 SHIPPED = ("ct-abdomen-organs", "mr-brain-tumor")
@@ -114,7 +114,7 @@ def test_ct_model_is_the_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 @pytest.mark.parametrize("model_id", SHIPPED)
 def test_shipped_model_loads_in_safe_mode_and_backends_agree(model_id: str) -> None:
     import keras
-    from MedSegAILib.backends import load_predictor
+    from MedSegAILib.model.backends import load_predictor
 
     card = _card(model_id)
     keras_model = keras.saving.load_model(str(card.weights_path("keras")), compile=False, safe_mode=True)
@@ -133,7 +133,7 @@ def test_shipped_model_loads_in_safe_mode_and_backends_agree(model_id: str) -> N
 def ct_cases(shared_data: Path) -> list[tuple[str, Volume, Volume]]:
     """(name, CT, TotalSegmentator labels on the CT grid) for both labelled CT volumes."""
     import SimpleITK as sitk
-    from MedSegAILib.imageio import read_volume
+    from MedSegAILib.io.imageio import read_volume
 
     folder = shared_data / "ct-abdomen"
     small = read_volume(folder / "example_ct_sm.nii.gz")
@@ -145,7 +145,7 @@ def ct_cases(shared_data: Path) -> list[tuple[str, Volume, Volume]]:
 
 
 def _ct_dice(card: ModelCard, image: Volume, reference: Volume) -> dict[str, float]:
-    from MedSegAILib.pipeline import segment_case
+    from MedSegAILib.inference.pipeline import segment_case
 
     labels, _ = segment_case([image], card, backend="onnx")
     assert labels.same_grid(image) and labels.array.dtype == np.uint8
@@ -185,7 +185,7 @@ def test_ct_bound_is_not_reachable_mis_oriented_or_mis_normalised(ct_cases) -> N
 
 # ---------------------------------------------------------------------------------------------- MR
 def _mr_study(shared_data: Path, card: ModelCard, study: str) -> tuple[list[Volume], Volume]:
-    from MedSegAILib.imageio import read_volume
+    from MedSegAILib.io.imageio import read_volume
 
     folder = shared_data / "mr-brain-tumor" / study
 
@@ -196,7 +196,7 @@ def _mr_study(shared_data: Path, card: ModelCard, study: str) -> tuple[list[Volu
 
 
 def _mr_dice(card: ModelCard, images: list[Volume], mask: Volume) -> float:
-    from MedSegAILib.pipeline import segment_case
+    from MedSegAILib.inference.pipeline import segment_case
 
     labels, _ = segment_case(images, card, backend="onnx")
     assert labels.same_grid(images[0])

@@ -1,4 +1,4 @@
-"""MedSegAILib.slicer_logic on slicer-core's real MRML scene, with the real engine process.
+"""MedSegAILib.slicer_bridge.slicer_logic on slicer-core's real MRML scene, with the real engine process.
 
 Round trip (volume nodes in, segmentation node out) on the shared CT (also oblique and
 left-right-flipped) and on a two-channel brain MR study; labels equal what `medsegai segment`
@@ -22,9 +22,10 @@ import pytest
 slicer = pytest.importorskip("slicer")
 sitk = pytest.importorskip("SimpleITK")
 
-from MedSegAILib import engine_process, model_store, mrml, slicer_logic  # noqa: E402
-from MedSegAILib.errors import MedSegAIInputError, ModelFolderError  # noqa: E402
-from MedSegAILib.image import Volume  # noqa: E402
+from MedSegAILib.slicer_bridge import engine_process, mrml, slicer_logic  # noqa: E402
+from MedSegAILib.model import store as model_store  # noqa: E402
+from MedSegAILib.core.errors import MedSegAIInputError, ModelFolderError  # noqa: E402
+from MedSegAILib.core.image import Volume  # noqa: E402
 
 THRESHOLD_HU = 300.5  # the analytic model's threshold (Testing/Python/analytic_models.py)
 ENGINE_TIMEOUT = 300
@@ -57,7 +58,7 @@ def _cpu_onnx() -> slicer_logic.EngineOptions:
     return slicer_logic.EngineOptions(device="cpu", backend="onnx")
 
 
-def _assert_bone_segmentation(result: slicer_logic.SegmentationResult, node, volume: Volume) -> None:
+def _assert_bone_segmentation(result: slicer_logic.SceneResult, node, volume: Volume) -> None:
     segmentation = result.segmentation_node
     seg = segmentation.GetSegmentation()
     assert seg.GetNumberOfSegments() == 1
@@ -393,7 +394,7 @@ def test_fine_tune_refuses_a_folder_without_dataset(analytic_model_dir: Path, tm
 @pytest.mark.slow
 def test_fine_tune_registers_a_new_version(ct: Volume, tmp_path: Path) -> None:
     """Train a tiny parent with the CLI, then fine-tune it through the Slicer logic (two short trainings)."""
-    from MedSegAILib import dataset
+    from MedSegAILib.data import dataset
 
     dataset_dir = tmp_path / "dataset"
     labels = ct.with_array((ct.array > THRESHOLD_HU).astype(np.uint8))

@@ -33,9 +33,10 @@ sitk = pytest.importorskip("SimpleITK")
 
 from slicer_python_env import fresh_environment, pinned_versions, python_version_of  # noqa: E402
 
-from MedSegAILib import dataset, dependencies, engine_process, mrml, slicer_logic  # noqa: E402
-from MedSegAILib.image import Volume  # noqa: E402
-from MedSegAILib.modelcard import DEFAULT_MODEL_ID, builtin_models_dir, find_model  # noqa: E402
+from MedSegAILib.data import dataset  # noqa: E402
+from MedSegAILib.slicer_bridge import dependencies, engine_process, mrml, slicer_logic  # noqa: E402
+from MedSegAILib.core.image import Volume  # noqa: E402
+from MedSegAILib.model.modelcard import DEFAULT_MODEL_ID, builtin_models_dir, find_model  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE_CT = REPO_ROOT / "MedSegAI" / "Resources" / "SampleData" / "abdomen-ct.nii.gz"
@@ -47,8 +48,8 @@ RUN_TIMEOUT = 900
 # What the panel runs in Slicer's Python when it opens: list the models, check the dependencies.
 PANEL_OPENS = """
 import json, sys
-from MedSegAILib import dependencies
-from MedSegAILib.modelcard import DEFAULT_MODEL_ID, find_model, list_models
+from MedSegAILib.slicer_bridge import dependencies
+from MedSegAILib.model.modelcard import DEFAULT_MODEL_ID, find_model, list_models
 cards = list_models()
 default = find_model(DEFAULT_MODEL_ID)
 print(json.dumps({

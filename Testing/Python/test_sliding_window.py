@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from MedSegAILib.errors import CancelledError, ModelFolderError
-from MedSegAILib.sliding_window import (
+from MedSegAILib.core.errors import CancelledError, ModelFolderError
+from MedSegAILib.inference.sliding_window import (
     _RowAccumulator,
     gaussian_importance_map,
     sliding_window_2d,

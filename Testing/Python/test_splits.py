@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from MedSegAILib.dataset import add_case, load_dataset
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.imageio import read_volume
+from MedSegAILib.data.dataset import add_case, load_dataset
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.io.imageio import read_volume
 from medsegai_training.splits import check_split, group_by_patient, kfold_patients, make_split
 
 

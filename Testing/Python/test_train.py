@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 
 from MedSegAILib import cli
-from MedSegAILib.dataset import add_case, load_dataset
-from MedSegAILib.errors import CancelledError, MedSegAIInputError
-from MedSegAILib.imageio import read_volume
-from MedSegAILib.modelcard import ModelCard
+from MedSegAILib.data.dataset import add_case, load_dataset
+from MedSegAILib.core.errors import CancelledError, MedSegAIInputError
+from MedSegAILib.io.imageio import read_volume
+from MedSegAILib.model.modelcard import ModelCard
 from medsegai_training.cli_train import EpochBarReporter
 from medsegai_training.config import config_from_dict, load_config
 from medsegai_training.trainer import train

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from MedSegAILib.uncertain_regions import Region, RegionVisits, rank_regions
+from MedSegAILib.report.uncertain_regions import Region, RegionVisits, rank_regions
 
 SPACING = (3.0, 3.0, 3.0)  # (x, y, z) mm, example_seg.nii.gz
 
@@ -123,7 +123,7 @@ def test_visits_count_next_and_reset() -> None:
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_labels_match_a_region_by_region_reference(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Vectorised inside/shell labels (and the large-region path) equal dilating each region on its own."""
-    from MedSegAILib import uncertain_regions
+    from MedSegAILib.report import uncertain_regions
     from scipy import ndimage
 
     rng = np.random.default_rng(seed)

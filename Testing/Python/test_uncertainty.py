@@ -19,13 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from MedSegAILib import cli
-from MedSegAILib.errors import CancelledError, ModelFolderError
-from MedSegAILib.image import Volume
-from MedSegAILib.inference import SegmentOptions, segment_volumes
-from MedSegAILib.measurements import compute_measurements
-from MedSegAILib.pipeline import run_segmentation
-from MedSegAILib.ranking import case_score
-from MedSegAILib.uncertainty import entropy_uint8, normalized_entropy, uncertain_level, uncertainty_measurements
+from MedSegAILib.core.errors import CancelledError, ModelFolderError
+from MedSegAILib.core.image import Volume
+from MedSegAILib.inference.segment import SegmentOptions, segment_volumes
+from MedSegAILib.report.measurements import compute_measurements
+from MedSegAILib.inference.pipeline import run_segmentation
+from MedSegAILib.inference.ranking import case_score
+from MedSegAILib.inference.uncertainty import entropy_uint8, normalized_entropy, uncertain_level, uncertainty_measurements
 
 THRESHOLD, SLOPE = 200.0, 0.05
 
@@ -218,8 +218,8 @@ def test_rank_orders_cases_by_expected_error(onnx_model: Path, tmp_path: Path, c
 
 
 def test_rank_case_folders_of_a_multichannel_model(tmp_path: Path) -> None:
-    from MedSegAILib.errors import MedSegAIInputError
-    from MedSegAILib.ranking import case_channel_paths
+    from MedSegAILib.core.errors import MedSegAIInputError
+    from MedSegAILib.inference.ranking import case_channel_paths
 
     study = tmp_path / "study"
     (study / "FLAIR").mkdir(parents=True)  # a DICOM folder named after its channel

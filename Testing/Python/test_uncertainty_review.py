@@ -16,11 +16,11 @@ import pytest
 slicer = pytest.importorskip("slicer")
 sitk = pytest.importorskip("SimpleITK")
 
-from MedSegAILib import mrml
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.image import Volume
-from MedSegAILib.uncertainty import uncertain_level
-from MedSegAILib.uncertainty_review import UncertaintyReview
+from MedSegAILib.slicer_bridge import mrml
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.core.image import Volume
+from MedSegAILib.inference.uncertainty import uncertain_level
+from MedSegAILib.slicer_bridge.uncertainty_review import UncertaintyReview
 from scipy import ndimage
 
 LIVER, SPLEEN, KIDNEY_RIGHT = 5, 1, 2
@@ -218,7 +218,7 @@ def _small_case(near: int, blob: bool = False) -> Volume:
 
 
 def test_segment_with_uncertainty_then_next_region(analytic_model_dir: Path) -> None:
-    from MedSegAILib import slicer_logic
+    from MedSegAILib.slicer_bridge import slicer_logic
 
     scene = _scene_with_slice_views()
     volume = _small_case(0, blob=True)
@@ -243,8 +243,8 @@ def test_segment_with_uncertainty_then_next_region(analytic_model_dir: Path) -> 
 
 
 def test_rank_loaded_volumes_orders_by_expected_error(analytic_model_dir: Path) -> None:
-    from MedSegAILib import slicer_logic
-    from MedSegAILib.uncertainty_review import (
+    from MedSegAILib.slicer_bridge import slicer_logic
+    from MedSegAILib.slicer_bridge.uncertainty_review import (
         RankRun,
         rankable_volume_nodes,
         ranking_text,
@@ -284,7 +284,7 @@ def test_two_channel_model_reviews_on_the_first_channels_grid(tmp_path: Path) ->
     """A two-channel model (as the brain model): the map and the regions lie on the first channel's grid,
     whatever the second channel's grid."""
     from analytic_models import threshold_model_folder
-    from MedSegAILib import slicer_logic
+    from MedSegAILib.slicer_bridge import slicer_logic
 
     model = threshold_model_folder(tmp_path / "two-channel", mode="2d", patch=[16, 16], backends=("onnx",),
                                    model_id="analytic-two-channel", channels=("T1", "FLAIR"))

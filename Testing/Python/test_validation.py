@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from MedSegAILib import imageio
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.image import Volume
-from MedSegAILib.validation import FLOAT32_EXACT_INT, check_channels, check_volume
+from MedSegAILib.io import imageio
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.core.image import Volume
+from MedSegAILib.inference.validation import FLOAT32_EXACT_INT, check_channels, check_volume
 
 
 @pytest.fixture(scope="module")

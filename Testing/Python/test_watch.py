@@ -16,8 +16,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from MedSegAILib.dicomweb import PASSWORD_VARIABLE, USER_VARIABLE
-from MedSegAILib.watch import WatchState, study_key
+from MedSegAILib.pacs.dicomweb import PASSWORD_VARIABLE, USER_VARIABLE
+from MedSegAILib.pacs.watch import WatchState, study_key
 
 pytest.importorskip("highdicom", reason="the dicom extra (pip install -e .[dicom]) is not installed")
 pytest.importorskip("dicomweb_client", reason="the dicom extra (pip install -e .[dicom]) is not installed")

@@ -1,7 +1,7 @@
 """``medsegai dataset ...`` and ``medsegai evaluate`` subcommands.
 
 Each subparser sets ``func=<handler(args) -> int>``. Handlers raise
-:class:`MedSegAILib.errors.MedSegAIInputError` for user problems (``MedSegAILib.cli.main`` prints
+:class:`MedSegAILib.core.errors.MedSegAIInputError` for user problems (``MedSegAILib.cli.main`` prints
 ``error: ...`` and exits 2). TensorFlow is never imported here; the evaluate handler imports the
 engine only when it runs.
 """
@@ -13,8 +13,8 @@ import json
 import sys
 from typing import Any
 
-from MedSegAILib.backends import BACKENDS, DEVICES
-from MedSegAILib.errors import MedSegAIInputError
+from MedSegAILib.model.backends import BACKENDS, DEVICES
+from MedSegAILib.core.errors import MedSegAIInputError
 from MedSegAILib.protocol import EXIT_OK, EXIT_USAGE
 
 __all__ = ["add_dataset_commands", "add_evaluate_command", "run_dataset_check", "run_dataset_import",
@@ -83,7 +83,7 @@ def add_evaluate_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_dataset_check(args: argparse.Namespace) -> int:
     """Print the dataset report; exit 2 when it has errors."""
-    from MedSegAILib.dataset import check_dataset
+    from MedSegAILib.data.dataset import check_dataset
 
     report = check_dataset(args.dataset)
     if getattr(args, "json", False):
@@ -108,7 +108,7 @@ def run_dataset_import(args: argparse.Namespace) -> int:
 
 
 def run_dataset_add(args: argparse.Namespace) -> int:
-    from MedSegAILib.dataset import load_dataset
+    from MedSegAILib.data.dataset import load_dataset
 
     from .dataset_tools import add_from_files
 

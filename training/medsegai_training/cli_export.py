@@ -7,7 +7,7 @@ import argparse
 import sys
 from typing import Any
 
-from MedSegAILib.argtypes import number_type
+from MedSegAILib.core.argtypes import number_type
 
 __all__ = ["add_export_command", "add_quantize_command"]
 

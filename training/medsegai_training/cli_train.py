@@ -13,8 +13,8 @@ import sys
 import time
 from typing import Any, Callable, TextIO
 
-from MedSegAILib.argtypes import number_type
-from MedSegAILib.errors import CancelledError, MedSegAIInputError
+from MedSegAILib.core.argtypes import number_type
+from MedSegAILib.core.errors import CancelledError, MedSegAIInputError
 
 __all__ = ["add_train_command", "run_train", "EpochBarReporter", "quiet_tensorflow"]
 

@@ -34,8 +34,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.preprocessing import NORMALIZATION_METHODS
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.inference.preprocessing import NORMALIZATION_METHODS
 
 __all__ = [
     "TrainConfig",

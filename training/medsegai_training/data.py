@@ -26,10 +26,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from MedSegAILib import preprocessing
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.image import Volume
-from MedSegAILib.imageio import atomic_output
+from MedSegAILib.inference import preprocessing
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.core.image import Volume
+from MedSegAILib.io.imageio import atomic_output
 from MedSegAILib.protocol import PREPROCESS
 
 __all__ = [
@@ -233,7 +233,7 @@ def preprocess_volumes(
 
     Each channel: canonical LPS view → ``normalize`` with statistics of the whole canonical image
     → linear resampling onto the model grid (``target_grid`` of the first channel; 2D models are
-    never resampled across slices), which is what ``MedSegAILib.inference`` feeds the network.
+    never resampled across slices), which is what ``MedSegAILib.inference.segment`` feeds the network.
 
     Args:
         volumes: one :class:`Volume` per model channel, all on one grid.
@@ -392,7 +392,7 @@ def load_cases(
     """Read and preprocess cases (or take them from the ``.npy`` cache).
 
     Args:
-        info: ``MedSegAILib.dataset.DatasetInfo``.
+        info: ``MedSegAILib.data.dataset.DatasetInfo``.
         case_ids: which cases.
         plan: channels (fitted normalisation), label table, spatial settings.
         cache_dir: folder for ``<case>-<key>.image.npy``/``.label.npy``; None = memory only.
@@ -405,7 +405,7 @@ def load_cases(
     Raises:
         MedSegAIInputError: unreadable case (the message names the case and file).
     """
-    from MedSegAILib.dataset import read_case
+    from MedSegAILib.data.dataset import read_case
 
     if any(c["normalization"].get("fit") for c in plan.channels):
         raise ValueError("fit_normalization must run before load_cases (a channel still has fit: true)")
@@ -674,7 +674,7 @@ def predict_case(
     Uses the engine's ``sliding_window_2d``/``sliding_window_3d`` (Gaussian blending) so the
     validation numbers describe what ``medsegai segment`` does, up to resampling back.
     """
-    from MedSegAILib import sliding_window
+    from MedSegAILib.inference import sliding_window
 
     patch = tuple(int(p) for p in spatial["patch_size"])
     divisible = int(spatial.get("divisible_by", 1))

@@ -1,7 +1,7 @@
 """Filling MedSegAI dataset folders: importing nnU-Net v2 / Medical Segmentation Decathlon raw
 folders, and adding one case from image files (``medsegai dataset add``).
 
-Every case goes through :func:`MedSegAILib.dataset.add_case`, the same code the Slicer module's
+Every case goes through :func:`MedSegAILib.data.dataset.add_case`, the same code the Slicer module's
 "Export corrected labels" uses, so the folder format, the no-overwrite rule, the salted patient
 keys and the clean NRRD headers are the same whichever way a case arrives.
 
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.image import Volume
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.core.image import Volume
 from MedSegAILib.protocol import IMPORT
 
 __all__ = ["RawCase", "ImportResult", "read_raw_description", "import_nnunet", "add_from_files"]
@@ -259,8 +259,8 @@ def import_nnunet(
         MedSegAIInputError: unsupported layout, missing/corrupt files, grid mismatch or unknown
             label values (the message names the raw case and file), or an existing dataset folder.
     """
-    from MedSegAILib.dataset import add_case
-    from MedSegAILib.imageio import read_volume
+    from MedSegAILib.data.dataset import add_case
+    from MedSegAILib.io.imageio import read_volume
 
     layout, channels, labels, cases = read_raw_description(raw_dir)
     target = Path(dataset_dir).expanduser().resolve()
@@ -292,7 +292,7 @@ def import_nnunet(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    from MedSegAILib.dataset import load_dataset
+    from MedSegAILib.data.dataset import load_dataset
 
     info = load_dataset(target)
     return ImportResult(target, layout, info.channels, info.labels, case_ids)
@@ -345,8 +345,8 @@ def add_from_files(
     """
     import numpy as np
 
-    from MedSegAILib.dataset import DATASET_JSON, add_case, load_dataset
-    from MedSegAILib.imageio import read_volume
+    from MedSegAILib.data.dataset import DATASET_JSON, add_case, load_dataset
+    from MedSegAILib.io.imageio import read_volume
 
     if isinstance(image_paths, (str, os.PathLike)):
         image_paths = [image_paths]

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from MedSegAILib.errors import MedSegAIInputError, ModelFolderError
+from MedSegAILib.core.errors import MedSegAIInputError, ModelFolderError
 
 __all__ = [
     "FORMATS",
@@ -108,7 +108,7 @@ def _signature(model: Any, card: dict[str, Any]) -> dict[str, Any]:
 @contextlib.contextmanager
 def _quiet() -> Any:
     """Keep the converters' prints, warnings and native log lines off the CLI's stdout/stderr."""
-    from MedSegAILib.backends import native_stderr_silenced
+    from MedSegAILib.model.backends import native_stderr_silenced
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), native_stderr_silenced():
         warnings.simplefilter("ignore")
@@ -196,7 +196,7 @@ class _Recorder:
 
 
 def _exported_predictor(fmt: str, folder: Path, files: dict[str, Any]) -> Any:
-    from MedSegAILib.backends import OnnxPredictor, TFLitePredictor
+    from MedSegAILib.model.backends import OnnxPredictor, TFLitePredictor
 
     if fmt == "savedmodel":
         return load_savedmodel_predictor(folder / files["savedmodel"])
@@ -300,12 +300,12 @@ def export_deployment(
             failed check; nothing is written then.
         ModelFolderError: the model folder is unusable.
     """
-    from MedSegAILib.backends import KerasPredictor
-    from MedSegAILib.dataset import load_dataset, read_case
-    from MedSegAILib.inference import SegmentOptions
-    from MedSegAILib.modelcard import find_model
-    from MedSegAILib.pipeline import segment_case
-    from MedSegAILib.report import is_shipped_model
+    from MedSegAILib.model.backends import KerasPredictor
+    from MedSegAILib.data.dataset import load_dataset, read_case
+    from MedSegAILib.inference.segment import SegmentOptions
+    from MedSegAILib.model.modelcard import find_model
+    from MedSegAILib.inference.pipeline import segment_case
+    from MedSegAILib.report.case_report import is_shipped_model
 
     say = progress or (lambda line: None)
     if fmt not in FORMATS:
@@ -343,7 +343,7 @@ def export_deployment(
         raise MedSegAIInputError(f"dataset {data} has no cases; add cases before using it to check an export.")
     pairs = [(label.value, dataset.labels[label.name]) for label in card.labels if label.name in dataset.labels]
 
-    from MedSegAILib.backends import import_tensorflow
+    from MedSegAILib.model.backends import import_tensorflow
 
     import_tensorflow()
     from medsegai_training.export import export_onnx, load_keras_model, to_float32_model

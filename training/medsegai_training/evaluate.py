@@ -1,7 +1,7 @@
 """Segmentation metrics and the ``medsegai evaluate`` report.
 
 Metrics work on numpy masks in ``(z, y, x)`` order with voxel spacing in ``(x, y, z)`` mm (the
-order of :attr:`MedSegAILib.image.Volume.spacing`).
+order of :attr:`MedSegAILib.core.image.Volume.spacing`).
 
 Empty masks (documented behaviour):
 
@@ -29,8 +29,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.image import Volume
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.core.image import Volume
 from MedSegAILib.protocol import EVALUATE
 
 __all__ = [
@@ -254,7 +254,7 @@ def _nanmean(values: list[float]) -> float:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    from MedSegAILib.imageio import atomic_output
+    from MedSegAILib.io.imageio import atomic_output
 
     with atomic_output(path, overwrite=False) as temp:
         temp.write_text(text, encoding="utf-8")
@@ -286,13 +286,13 @@ def evaluate_model(
     """Segment dataset cases with a model and write the metrics report.
 
     Args:
-        model: model id or folder (anything ``MedSegAILib.pipeline.segment_case`` accepts).
-        dataset_dir: MedSegAI dataset folder (see :mod:`MedSegAILib.dataset`).
+        model: model id or folder (anything ``MedSegAILib.inference.pipeline.segment_case`` accepts).
+        dataset_dir: MedSegAI dataset folder (see :mod:`MedSegAILib.data.dataset`).
         cases: case ids to evaluate; None or empty means all cases.
         report_dir: new (or empty) folder for ``metrics.csv``, ``metrics.json``, ``best_worst.png``.
         backend, device: passed to ``segment_fn``.
         segment_fn: ``(volumes, model, backend=..., device=...) -> (labels Volume, card)``;
-            default ``MedSegAILib.pipeline.segment_case``. The model is loaded once when the
+            default ``MedSegAILib.inference.pipeline.segment_case``. The model is loaded once when the
             default is used (the loaded card/predictor are reused for every case).
         progress: ``(stage, done, total, message)`` callback, stage ``"evaluate"``.
 
@@ -303,7 +303,7 @@ def evaluate_model(
         MedSegAIInputError: unknown case ids, unreadable case files, no label shared by model and
             dataset, or an existing non-empty report folder.
     """
-    from MedSegAILib.dataset import load_dataset, read_case
+    from MedSegAILib.data.dataset import load_dataset, read_case
 
     report_path = _prepare_report_dir(report_dir)
     info = load_dataset(dataset_dir)
@@ -388,7 +388,7 @@ def evaluate_model(
 
 def _model_channels(images: list[Volume], dataset_channels: Sequence[str], model: Any) -> list[Volume]:
     """The dataset's channels that the model takes, in the model's order (matched by name)."""
-    from MedSegAILib.modelcard import ModelCard
+    from MedSegAILib.model.modelcard import ModelCard
 
     if not isinstance(model, ModelCard):
         return images
@@ -408,9 +408,9 @@ def _segmenter(segment_fn: SegmentFn | None, model: Any, backend: str, device: s
         if not callable(segment_fn):
             raise TypeError(f"segment_fn must be callable, got {segment_fn!r}")
         return segment_fn, model
-    from MedSegAILib.backends import load_predictor
-    from MedSegAILib.modelcard import ModelCard, find_model
-    from MedSegAILib.pipeline import segment_case
+    from MedSegAILib.model.backends import load_predictor
+    from MedSegAILib.model.modelcard import ModelCard, find_model
+    from MedSegAILib.inference.pipeline import segment_case
 
     card = model if isinstance(model, ModelCard) else find_model(model)
     predictor = load_predictor(card, backend=backend, device=device)
@@ -518,7 +518,7 @@ def _write_overlay_png(
     figure.tight_layout(rect=(0, 0.08, 1, 1))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    from MedSegAILib.imageio import atomic_output
+    from MedSegAILib.io.imageio import atomic_output
 
     with atomic_output(path, overwrite=False) as temp:
         temp.write_bytes(buffer.getvalue())

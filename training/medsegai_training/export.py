@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from MedSegAILib.errors import MedSegAIInputError, ModelFolderError
-from MedSegAILib.keras_model import register_custom_objects
+from MedSegAILib.core.errors import MedSegAIInputError, ModelFolderError
+from MedSegAILib.model.keras_model import register_custom_objects
 
 __all__ = [
     "KERAS_FILE",
@@ -70,13 +70,13 @@ _MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
 def load_keras_model(path: str | os.PathLike[str]) -> Any:
     """Load ``model.keras`` (or a model folder holding one) with ``safe_mode=True``, uncompiled.
 
-    The engine's loader (:func:`MedSegAILib.keras_model.load_keras_model`): MedSegAI's custom
+    The engine's loader (:func:`MedSegAILib.model.keras_model.load_keras_model`): MedSegAI's custom
     layers/losses registered, and a file saved by a newer Keras rebuilt from its ``model.json``.
 
     Raises:
         ModelFolderError: the file is missing, unreadable or unsafe.
     """
-    from MedSegAILib.keras_model import load_keras_model as load
+    from MedSegAILib.model.keras_model import load_keras_model as load
 
     return load(path)
 
@@ -393,7 +393,7 @@ def onnx_agreement(reference: np.ndarray, candidate: np.ndarray) -> tuple[float,
 
 
 def _validate_card(card: Mapping[str, Any]) -> list[str]:
-    from MedSegAILib.modelcard import validate_model_dict
+    from MedSegAILib.model.modelcard import validate_model_dict
 
     return list(validate_model_dict(card))
 

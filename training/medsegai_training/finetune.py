@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from MedSegAILib.errors import MedSegAIInputError
+from MedSegAILib.core.errors import MedSegAIInputError
 
 __all__ = [
     "FineTunePlan",
@@ -225,7 +225,7 @@ def fine_tune_plan(dataset_dir: str | os.PathLike[str], card: Any, max_steps: in
 
     Args:
         dataset_dir: a MedSegAI dataset folder (only ``dataset.json`` is read).
-        card: the parent :class:`~MedSegAILib.modelcard.ModelCard` (or its ``model.json`` dict).
+        card: the parent :class:`~MedSegAILib.model.modelcard.ModelCard` (or its ``model.json`` dict).
         max_steps: the user's cap on the number of steps (``--max-steps``), or None.
         freeze_encoder: the user's choice, or None for the default.
 

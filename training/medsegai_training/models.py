@@ -35,8 +35,8 @@ from typing import Any
 
 import keras
 
-from MedSegAILib.errors import MedSegAIInputError
-from MedSegAILib.keras_layers import CBAM
+from MedSegAILib.core.errors import MedSegAIInputError
+from MedSegAILib.model.keras_layers import CBAM
 
 from .config import BUILDERS
 

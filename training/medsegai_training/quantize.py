@@ -14,7 +14,7 @@
    are ``model.int8.onnx`` and the record ``metrics.int8`` written into the model folder
    (``files.onnx_int8``), each atomically; otherwise nothing is written.
 
-The engine (:mod:`MedSegAILib.precision`) uses the int8 file only with a passed record whose
+The engine (:mod:`MedSegAILib.model.precision`) uses the int8 file only with a passed record whose
 checksums match both ONNX files. No TensorFlow is imported.
 """
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from MedSegAILib.errors import MedSegAIInputError, ModelFolderError
+from MedSegAILib.core.errors import MedSegAIInputError, ModelFolderError
 
 __all__ = ["MAX_INT8_DICE_DROP", "quantize_model"]
 
@@ -136,12 +136,12 @@ def quantize_model(
     """
     import importlib.util
 
-    from MedSegAILib.backends import OnnxPredictor
-    from MedSegAILib.dataset import load_dataset, read_case
-    from MedSegAILib.inference import SegmentOptions
-    from MedSegAILib.modelcard import find_model, validate_model_dict
-    from MedSegAILib.pipeline import segment_case
-    from MedSegAILib.precision import INT8_FILE, file_sha256
+    from MedSegAILib.model.backends import OnnxPredictor
+    from MedSegAILib.data.dataset import load_dataset, read_case
+    from MedSegAILib.inference.segment import SegmentOptions
+    from MedSegAILib.model.modelcard import find_model, validate_model_dict
+    from MedSegAILib.inference.pipeline import segment_case
+    from MedSegAILib.model.precision import INT8_FILE, file_sha256
 
     from .deploy import _Recorder
 

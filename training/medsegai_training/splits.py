@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from MedSegAILib.errors import MedSegAIInputError
+from MedSegAILib.core.errors import MedSegAIInputError
 
 __all__ = ["Split", "patient_of", "group_by_patient", "kfold_patients", "make_split", "check_split"]
 
@@ -146,7 +146,7 @@ def make_split(
     by ``validation_fraction`` of the patients (at least one patient when the fraction is > 0).
 
     Args:
-        cases: objects with ``.id`` and ``.patient`` (``MedSegAILib.dataset`` cases) or dicts.
+        cases: objects with ``.id`` and ``.patient`` (``MedSegAILib.data.dataset`` cases) or dicts.
         folds: k for k-fold cross-validation, or None.
         fold: validation fold index (0-based) when ``folds`` is given.
         validation_fraction: share of patients for validation without folds.

@@ -35,8 +35,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from MedSegAILib.errors import CancelledError, MedSegAIError, MedSegAIInputError, ModelFolderError
-from MedSegAILib.imageio import atomic_output
+from MedSegAILib.core.errors import CancelledError, MedSegAIError, MedSegAIInputError, ModelFolderError
+from MedSegAILib.io.imageio import atomic_output
 from MedSegAILib.protocol import EXPORT, TRAIN
 
 from .config import TrainConfig, config_from_dict, load_config
@@ -87,7 +87,7 @@ def _finite(value: float | None) -> float | None:
 
 def _git_commit() -> dict[str, Any] | None:
     """Commit of the code that trained (the repository holding this package), if it is a git checkout."""
-    from MedSegAILib.process_tree import hidden_window_flags
+    from MedSegAILib.slicer_bridge.process_tree import hidden_window_flags
 
     root = Path(__file__).resolve().parents[2]
     try:
@@ -110,7 +110,7 @@ def parent_card(init: str | os.PathLike[str]) -> Any:
     Raises:
         ModelFolderError: not found, invalid, no ``model.keras`` or no ``architecture`` record.
     """
-    from MedSegAILib.modelcard import find_model
+    from MedSegAILib.model.modelcard import find_model
 
     card = find_model(init)
     if card.weights_path("keras") is None:
@@ -656,7 +656,7 @@ def train(
     With ``init`` and no explicit setting in ``config``, the schedule (steps, learning rate,
     early stopping, encoder freezing) comes from :func:`medsegai_training.finetune.fine_tune_plan`.
     """
-    from MedSegAILib.dataset import check_dataset, load_dataset
+    from MedSegAILib.data.dataset import check_dataset, load_dataset
 
     output = Path(output_dir).expanduser().absolute()
     dataset_path = Path(dataset_dir).expanduser()
@@ -798,7 +798,7 @@ def _prepare_and_run(
             raise MedSegAIInputError(f"the split of {output} no longer matches the dataset; train into a new folder.")
 
     def read_for_fit(case_id: str) -> tuple[list[Any], Any]:
-        from MedSegAILib.dataset import read_case
+        from MedSegAILib.data.dataset import read_case
 
         images, label = read_case(info, case_id)
         return [images[i] for i in plan.channel_indices], label

@@ -4,7 +4,7 @@
         [--shared ../shared/data] [--output build/datasets]
 
 Writes ``<output>/<model id>/`` in the MedSegAI dataset format (``dataset.json``, ``images/``,
-``labels/``) with :func:`MedSegAILib.dataset.add_case`, the same function the Slicer export and
+``labels/``) with :func:`MedSegAILib.data.dataset.add_case`, the same function the Slicer export and
 ``medsegai dataset add`` use. Patient keys (stored only as salted hashes) are the patient folder
 names, so cross-validation keeps every study of a patient on one side:
 
@@ -49,7 +49,7 @@ __all__ = ["build_ct_dataset", "build_mr_dataset", "build_dataset", "main", "CT_
 
 def _refuse_existing(folder: Path) -> None:
     if folder.exists():
-        from MedSegAILib.errors import MedSegAIInputError
+        from MedSegAILib.core.errors import MedSegAIInputError
 
         raise MedSegAIInputError(f"dataset folder {folder} already exists; delete it to rebuild or choose another --output.")
 
@@ -66,7 +66,7 @@ def _resample_nearest(label, reference):
     """``label`` (Volume) resampled onto ``reference``'s grid, nearest neighbour."""
     import SimpleITK as sitk
 
-    from MedSegAILib.image import Volume
+    from MedSegAILib.core.image import Volume
 
     moved = sitk.Resample(label.to_sitk(), reference.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     return Volume.from_sitk(moved)
@@ -74,8 +74,8 @@ def _resample_nearest(label, reference):
 
 def build_ct_dataset(shared: Path, output: Path) -> Path:
     """Write the ``ct-abdomen-organs`` dataset (2 patients, 2 cases) to ``output``; return it."""
-    from MedSegAILib.dataset import add_case
-    from MedSegAILib.imageio import read_volume
+    from MedSegAILib.data.dataset import add_case
+    from MedSegAILib.io.imageio import read_volume
 
     _refuse_existing(output)
     source = Path(shared) / "ct-abdomen"
@@ -99,8 +99,8 @@ def _series_path(study: Path, series: str) -> Path | None:
 
 def build_mr_dataset(shared: Path, output: Path, channels: Sequence[str] = MR_CHANNELS) -> Path:
     """Write the ``mr-brain-tumor`` dataset (one case per complete study) to ``output``; return it."""
-    from MedSegAILib.dataset import add_case
-    from MedSegAILib.imageio import read_volume
+    from MedSegAILib.data.dataset import add_case
+    from MedSegAILib.io.imageio import read_volume
 
     _refuse_existing(output)
     root = Path(shared) / "mr-brain-tumor"
@@ -116,7 +116,7 @@ def build_mr_dataset(shared: Path, output: Path, channels: Sequence[str] = MR_CH
             add_case(output, images, mask.with_array(tumour), list(channels), MR_LABELS, patient_key=patient.name)
             added += 1
     if not added:
-        from MedSegAILib.errors import MedSegAIInputError
+        from MedSegAILib.core.errors import MedSegAIInputError
 
         raise MedSegAIInputError(f"no study under {root} has all of {', '.join(channels)} and MaskTumor; check --shared.")
     return output
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared data folder")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="folder for the dataset folders")
     args = parser.parse_args(argv)
-    from MedSegAILib.errors import MedSegAIInputError
+    from MedSegAILib.core.errors import MedSegAIInputError
 
     try:
         for model_id in MODEL_IDS if args.model == "all" else (args.model,):

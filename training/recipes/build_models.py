@@ -142,7 +142,7 @@ def build_dataset(model_id: str, shared: Path, folder: Path) -> Path:
 
 
 def _patients(dataset: Path) -> tuple[Any, list[list[str]]]:
-    from MedSegAILib.dataset import load_dataset
+    from MedSegAILib.data.dataset import load_dataset
 
     info = load_dataset(dataset)
     return info, [sorted(cases) for cases in sorted(info.patients().values(), key=lambda c: sorted(c)[0])]
@@ -267,7 +267,7 @@ def _folder_bytes(folder: Path) -> int:
 def ship(model_id: str, trained: Path, dest_root: Path, recipe: dict[str, Any], cv: dict[str, Any] | None,
          command: str) -> Path:
     """Copy the final model into ``dest_root/model_id`` with the CV figures and provenance."""
-    from MedSegAILib.modelcard import ModelCard, validate_model_dict
+    from MedSegAILib.model.modelcard import ModelCard, validate_model_dict
 
     card = json.loads((trained / "model.json").read_text(encoding="utf-8"))
     metrics = card.setdefault("metrics", {})

@@ -1,0 +1,1 @@
+"""Types and helpers every stage uses: errors, the Volume, labels, threads, file locks, argument types."""

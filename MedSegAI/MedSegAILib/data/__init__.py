@@ -1,0 +1,1 @@
+"""Training datasets: the dataset folder MedSegAI writes and the training package reads."""

@@ -1,0 +1,1 @@
+"""Volume in, labels out: validation, preprocessing, sliding windows, streaming inference, postprocessing."""
