@@ -301,7 +301,7 @@ def export_deployment(
         ModelFolderError: the model folder is unusable.
     """
     from MedSegAILib.model.backends import KerasPredictor
-    from MedSegAILib.data.dataset import load_dataset, read_case
+    from MedSegAILib.data.dataset import load_dataset_for_model, read_case
     from MedSegAILib.inference.segment import SegmentOptions
     from MedSegAILib.model.modelcard import find_model
     from MedSegAILib.inference.pipeline import segment_case
@@ -333,14 +333,7 @@ def export_deployment(
     keras_file = card.weights_path("keras")
     if keras_file is None:
         raise MedSegAIInputError(f"model '{card.id}' has no model.keras to export from; export from the model folder that has it.")
-    dataset = load_dataset(data)
-    if len(dataset.channels) != len(card.channels):
-        raise MedSegAIInputError(
-            f"dataset {data} has {len(dataset.channels)} channel(s) ({', '.join(dataset.channels)}) but model "
-            f"'{card.id}' needs {len(card.channels)} ({', '.join(card.channel_names)}); give a dataset for this model."
-        )
-    if not dataset.cases:
-        raise MedSegAIInputError(f"dataset {data} has no cases; add cases before using it to check an export.")
+    dataset = load_dataset_for_model(data, card, "to check an export")
     pairs = [(label.value, dataset.labels[label.name]) for label in card.labels if label.name in dataset.labels]
 
     from MedSegAILib.model.backends import import_tensorflow

@@ -137,7 +137,7 @@ def quantize_model(
     import importlib.util
 
     from MedSegAILib.model.backends import OnnxPredictor
-    from MedSegAILib.data.dataset import load_dataset, read_case
+    from MedSegAILib.data.dataset import load_dataset_for_model, read_case
     from MedSegAILib.inference.segment import SegmentOptions
     from MedSegAILib.model.modelcard import find_model, validate_model_dict
     from MedSegAILib.inference.pipeline import segment_case
@@ -159,14 +159,7 @@ def quantize_model(
         raise MedSegAIInputError(f"model '{card.id}' has no model.onnx to quantise; export it first (medsegai export --format onnx).")
     if not os.access(card.folder, os.W_OK):
         raise ModelFolderError(f"cannot write into the model folder {card.folder}; copy the model folder somewhere writable.")
-    dataset = load_dataset(data)
-    if len(dataset.channels) != len(card.channels):
-        raise MedSegAIInputError(
-            f"dataset {data} has {len(dataset.channels)} channel(s) ({', '.join(dataset.channels)}) but model "
-            f"'{card.id}' needs {len(card.channels)} ({', '.join(card.channel_names)}); give a dataset for this model."
-        )
-    if not dataset.cases:
-        raise MedSegAIInputError(f"dataset {data} has no cases; add cases before using it to calibrate.")
+    dataset = load_dataset_for_model(data, card, "to calibrate")
 
     options = SegmentOptions(precision="fp32")
     float_predictor = _Timed(OnnxPredictor(float_path, "cpu"))

@@ -52,6 +52,7 @@ from ..core.filelock import exclusive_lock
 from ..core.image import Volume, present_values
 
 __all__ = [
+    "load_dataset_for_model",
     "DATASET_FORMAT",
     "DATASET_VERSION",
     "FILE_ENDING",
@@ -788,6 +789,28 @@ def load_dataset(dataset_dir: str | os.PathLike[str]) -> DatasetInfo:
     channels, labels, file_ending = _header_from_json(data, root / DATASET_JSON)
     cases = _parse_cases(root, data, channels, None)
     return DatasetInfo(root=root, channels=channels, labels=labels, file_ending=file_ending, cases=cases)
+
+
+def load_dataset_for_model(dataset_dir: str | os.PathLike[str], card: Any, purpose: str) -> DatasetInfo:
+    """:func:`load_dataset` of a dataset that must feed ``card``'s channels and hold cases.
+
+    Args:
+        dataset_dir: the dataset folder.
+        card: the model card (``channels``, ``channel_names``, ``id``).
+        purpose: what the cases are for, ending the message (e.g. ``"to calibrate"``).
+
+    Raises:
+        MedSegAIInputError: the channel count differs from the model's, or there are no cases.
+    """
+    dataset = load_dataset(dataset_dir)
+    if len(dataset.channels) != len(card.channels):
+        raise MedSegAIInputError(
+            f"dataset {dataset_dir} has {len(dataset.channels)} channel(s) ({', '.join(dataset.channels)}) but model "
+            f"'{card.id}' needs {len(card.channels)} ({', '.join(card.channel_names)}); give a dataset for this model."
+        )
+    if not dataset.cases:
+        raise MedSegAIInputError(f"dataset {dataset_dir} has no cases; add cases before using it {purpose}.")
+    return dataset
 
 
 def _relative(info_root: Path, path: Path) -> str:
