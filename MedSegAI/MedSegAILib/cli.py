@@ -60,6 +60,19 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """How the network runs: the options ``segment`` and ``rank`` share (``EngineOptions.inference_arguments``)."""
+    parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="int8: the folder's validated int8 ONNX file (medsegai quantize); auto: int8 when the "
+                             "folder has one and the run is on the CPU, else fp32 (default auto)")
+    parser.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
+    parser.add_argument("--tta", action="store_true",
+                        help="flip test-time augmentation (an uncertainty map is then of the flip mean)")
+    parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N", help="windows per network call")
+
+
 def _add_segment_command(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "segment",
@@ -86,14 +99,7 @@ def _add_segment_command(subparsers: Any) -> None:
                      help="DICOMweb service root: retrieve the study's series, segment, store the DICOM SEG back")
     web.add_argument("--study", default=None, metavar="UID", help="StudyInstanceUID to segment (with --dicomweb)")
     web.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's TLS certificate")
-    parser.add_argument("--device", choices=DEVICES, default="auto")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
-                        help="int8: the folder's validated int8 ONNX file (medsegai quantize); auto: int8 when the "
-                             "folder has one and the run is on the CPU, else fp32 (default auto)")
-    parser.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
-    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation")
-    parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N", help="windows per network call")
+    _add_inference_options(parser)
     parser.add_argument("--measurements", default=None, metavar="FILE", help="write per-segment measurements (.csv or .json)")
     parser.add_argument("--report", default=None, metavar="FILE.pdf",
                         help="also write a one-page PDF case report (model, input, views, measurements, validation)")
@@ -205,11 +211,7 @@ def _add_rank_command(subparsers: Any) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="one case per INPUT")
     parser.add_argument("-o", "--output", required=True, metavar="RANKING.csv", help="the ranking to write")
     parser.add_argument("--model", default=None, metavar="ID_OR_FOLDER", help="model id or folder (default: the default model)")
-    parser.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    parser.add_argument("--overlap", type=_overlap, default=0.5, help="sliding-window overlap in [0, 1) (default 0.5)")
-    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (the map is then of the flip mean)")
-    parser.add_argument("--batch-size", type=_positive_int, default=None, metavar="N", help="windows per network call")
+    _add_inference_options(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing ranking")
     parser.add_argument("--progress", choices=("bar", "json", "none"), default=None,
                         help="progress display (default: bar on a terminal)")
@@ -223,7 +225,7 @@ def _run_rank(args: argparse.Namespace) -> int:
 
     cancel = _CancelFlag()
     cancel.install()
-    options = SegmentOptions(overlap=args.overlap, tta=args.tta, batch_size=args.batch_size)
+    options = SegmentOptions(overlap=args.overlap, tta=args.tta, batch_size=args.batch_size, precision=args.precision)
     rows = rank_cases(args.inputs, args.output, model=args.model, backend=args.backend, device=args.device,
                       options=options, overwrite=args.overwrite, progress=make_reporter(args.progress), should_cancel=cancel)
     first = rows[0]

@@ -25,6 +25,7 @@ from scipy import ndimage
 
 LIVER, SPLEEN, KIDNEY_RIGHT = 5, 1, 2
 VIEWS = (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal"))
+SHELL = uncertain_level(4) - 1  # a shell of uncertainty just below what counts as uncertain
 
 
 def _rotation(degrees_xyz: tuple[float, float, float]) -> np.ndarray:
@@ -55,7 +56,7 @@ def case(ct: Volume, ct_small_label_map: np.ndarray, total_ct_label_names: dict[
     z, y, x = np.unravel_index(np.argmax(far), far.shape)
     assert far[z, y, x] > 4
     uncertainty[z - 1:z + 2, y - 1:y + 2, x - 1:x + 2] = 255  # 27 voxels concerning no segment
-    uncertainty[ndimage.binary_dilation(labels > 0, iterations=3) & (uncertainty == 0) & (labels == 0)] = 20  # below threshold
+    uncertainty[ndimage.binary_dilation(labels > 0, iterations=3) & (uncertainty == 0) & (labels == 0)] = SHELL  # below threshold
     return labels, spec, uncertainty
 
 
@@ -111,7 +112,7 @@ def test_map_node_has_the_inputs_geometry_and_views_land_on_the_region(ct: Volum
     # the map's regions: two organ boundaries and the blob (nothing from the sub-threshold shell), by volume
     assert [(r.rank, r.label, r.voxel_count) for r in regions] == [
         (0, LIVER, np.count_nonzero(uncertainty == 230)), (1, SPLEEN, np.count_nonzero(uncertainty == 170)), (2, 0, 27)]
-    assert review.threshold_used == uncertain_level(4) > 20  # three labels and background; the shell stays below
+    assert review.threshold_used == uncertain_level(4) > SHELL  # three labels and background; the shell stays below
     assert sum(r.voxel_count for r in regions) == int(np.count_nonzero(uncertainty >= review.threshold_used))
 
     assert review.counter_text() == f"{len(regions)} uncertain regions"

@@ -139,7 +139,7 @@ def rank_cases(
         raise MedSegAIInputError(f"the folder of {output} does not exist; create it first.")
     card = find_model(model)
     cases = [case_channel_paths(case, card.channel_names) for case in inputs]
-    predictor = load_predictor(card, backend=backend, device=device)
+    predictor = load_predictor(card, backend=backend, device=device, precision=getattr(options, "precision", "auto"))
     rows = []
     for index, (case, paths) in enumerate(zip(inputs, cases)):
         started = time.perf_counter()

@@ -300,19 +300,12 @@ class PipInstallRun(EngineProcess):
         Raises:
             EngineFailedError: pip failed or was cancelled, or a package that was there changed.
         """
-        if self.tree is None:
-            raise RuntimeError("the install was not started")
-        if self.running:
-            raise RuntimeError("pip is still running; call finish() after it ended")
-        self.poll()
+        self.check_succeeded(
+            "pip", "The installation was cancelled; packages pip had finished may remain.",
+            f"pip could not install {', '.join(self.lines)} without changing packages that are already "
+            "installed (see the log); install them into another Python and choose it under Advanced.",
+        )
         try:
-            if self.cancelled:
-                raise EngineFailedError("The installation was cancelled; packages pip had finished may remain.")
-            if self.returncode != 0:
-                raise EngineFailedError(
-                    f"pip could not install {', '.join(self.lines)} without changing packages that are already "
-                    "installed (see the log); install them into another Python and choose it under Advanced."
-                )
             after = installed_versions(self.python_executable)
             changed = sorted(name for name, version in self.protected_versions.items() if after.get(name) != version)
             if changed:

@@ -359,6 +359,28 @@ class EngineProcess:
         """After :meth:`cancel`: wait until the tree is gone and the temporary files removed."""
         return self._stopped.wait(timeout)
 
+    def check_succeeded(self, what: str, cancelled_message: str, failure_message: str | None = None) -> None:
+        """For ``finish()``: return only when the run was started, has ended and exited 0.
+
+        Args:
+            what: the run in messages, e.g. ``"The segmentation engine"``.
+            cancelled_message: the message when the user cancelled.
+            failure_message: the message of a failed run; None = the engine's own ``error:`` line.
+
+        Raises:
+            RuntimeError: not started, or still running (the caller's mistake, not the user's).
+            EngineFailedError: cancelled or failed; the temporary folder is removed first.
+        """
+        if self.tree is None:
+            raise RuntimeError(f"{what} was not started")
+        if self.running:
+            raise RuntimeError(f"{what} is still running; call finish() after it ended")
+        self.poll()
+        if self.cancelled or self.returncode != 0:
+            message = cancelled_message if self.cancelled else failure_message or self.error_message(what)
+            self.cleanup()
+            raise EngineFailedError(message)
+
     def cleanup(self) -> None:
         """Remove the temporary folder (inputs, outputs) of this run."""
         if self.temp_dir is not None:

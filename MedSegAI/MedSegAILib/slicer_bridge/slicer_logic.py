@@ -119,8 +119,8 @@ class EngineOptions:
         if self.min_island_mm3 is not None and float(self.min_island_mm3) < 0:
             raise ValueError(f"min_island_mm3 must be >= 0 or None, got {self.min_island_mm3!r}")
 
-    def cli_arguments(self) -> list[str]:
-        """The ``medsegai segment`` options for these settings."""
+    def inference_arguments(self) -> list[str]:
+        """How the network runs: the options ``medsegai segment`` and ``medsegai rank`` share."""
         self.validate()
         args = ["--device", self.device, "--backend", self.backend, "--overlap", repr(float(self.overlap))]
         if self.precision != "auto":
@@ -129,6 +129,11 @@ class EngineOptions:
             args.append("--tta")
         if self.batch_size:
             args += ["--batch-size", str(int(self.batch_size))]
+        return args
+
+    def cli_arguments(self) -> list[str]:
+        """The ``medsegai segment`` options for these settings."""
+        args = self.inference_arguments()
         if not self.postprocessing:
             args.append("--no-postprocessing")
             return args
@@ -297,16 +302,8 @@ class SegmentationRun(EngineProcess):
         Raises:
             EngineFailedError: the run failed or was cancelled (the scene is not changed).
         """
-        if self.process is None:
-            raise RuntimeError("the run was not started")
-        if self.running:
-            raise RuntimeError("the engine is still running; call finish() after it ended")
-        self.poll()
+        self.check_succeeded("The segmentation engine", "The segmentation was cancelled; nothing was added to the scene.")
         try:
-            if self.cancelled:
-                raise EngineFailedError("The segmentation was cancelled; nothing was added to the scene.")
-            if self.returncode != 0:
-                raise EngineFailedError(self.error_message("The segmentation engine"))
             if self.labels_path is None or not self.labels_path.is_file():
                 raise EngineFailedError("The engine finished without writing a result; see the log and run it again.")
             labels = _read_labels(self.labels_path)
@@ -628,16 +625,8 @@ class FineTuneRun(EngineProcess):
             EngineFailedError: training failed or was cancelled.
             ModelFolderError: the trained model fails validation or its version is installed already.
         """
-        if self.process is None:
-            raise RuntimeError("the training was not started")
-        if self.running:
-            raise RuntimeError("training is still running; call finish() after it ended")
-        self.poll()
+        self.check_succeeded("Fine-tuning", "Fine-tuning was cancelled; no model was added.")
         try:
-            if self.cancelled:
-                raise EngineFailedError("Fine-tuning was cancelled; no model was added.")
-            if self.returncode != 0:
-                raise EngineFailedError(self.error_message("Fine-tuning"))
             if self.store_dir is None or self.output_dir is None or not self.output_dir.is_dir():
                 raise EngineFailedError("Fine-tuning finished without writing a model folder; see the log.")
             return install_model_folder(self.output_dir, self.store_dir)

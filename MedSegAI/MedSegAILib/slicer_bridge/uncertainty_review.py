@@ -406,11 +406,7 @@ class RankRun(EngineProcess):
             self.ranking_path = self.temp_dir / "ranking.csv"
             command = [python, "-m", "MedSegAILib.cli", "rank", *(str(self.temp_dir / name) for name in self.files),
                        "-o", str(self.ranking_path), "--model", str(self.card.folder), "--progress", "json",
-                       "--device", options.device, "--backend", options.backend, "--overlap", repr(float(options.overlap))]
-            if options.tta:
-                command.append("--tta")
-            if options.batch_size:
-                command += ["--batch-size", str(int(options.batch_size))]
+                       *options.inference_arguments()]
             self._launch(command, engine_environment(options.python_executable), cwd=str(self.temp_dir))
         except BaseException:
             self.cleanup()
@@ -423,16 +419,8 @@ class RankRun(EngineProcess):
         Raises:
             EngineFailedError: the run failed or was cancelled, or its ranking names no scene volume.
         """
-        if self.process is None:
-            raise RuntimeError("the ranking was not started")
-        if self.running:
-            raise RuntimeError("the engine is still running; call finish() after it ended")
-        self.poll()
+        self.check_succeeded("The ranking", "The ranking was cancelled.")
         try:
-            if self.cancelled:
-                raise EngineFailedError("The ranking was cancelled.")
-            if self.returncode != 0:
-                raise EngineFailedError(self.error_message("The ranking"))
             if self.ranking_path is None or not self.ranking_path.is_file():
                 raise EngineFailedError("The ranking finished without writing its table; see the log and rank again.")
             ranked = []
