@@ -25,6 +25,25 @@ def test_analytic_card_is_valid(analytic_model_dir: Path) -> None:
     assert card.spatial.target_spacing == (None, None, None)
 
 
+@pytest.mark.parametrize(
+    ("architecture", "free"),
+    [
+        (None, False),  # an imported ONNX file: nothing known about its normalisation
+        ({"builder": "unet_2d", "config": {"norm": "batch"}}, True),
+        ({"builder": "unet_2d", "config": {"norm": "none"}}, True),
+        ({"builder": "unet_2d", "config": {"norm": "instance"}}, False),
+        ({"builder": "unet_2d", "config": {"norm": "group"}}, False),
+        ({"builder": "unet_2d", "config": {}}, False),
+    ],
+)
+def test_window_size_free_follows_the_normalisation(analytic_model_dir: Path, architecture, free: bool) -> None:
+    data = json.loads((analytic_model_dir / "model.json").read_text())
+    data.pop("architecture", None)
+    if architecture is not None:
+        data["architecture"] = architecture
+    assert ModelCard.from_dict(data, analytic_model_dir).window_size_free is free
+
+
 def test_every_problem_reported_at_once(analytic_model_dir: Path) -> None:
     data = json.loads((analytic_model_dir / "model.json").read_text())
     data["version"] = "one"

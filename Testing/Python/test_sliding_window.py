@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from MedSegAILib.core.errors import CancelledError, ModelFolderError
 from MedSegAILib.inference.sliding_window import (
     _RowAccumulator,
+    fitted_patch,
     gaussian_importance_map,
     sliding_window_2d,
     sliding_window_3d,
@@ -154,6 +155,39 @@ def test_one_window_per_slice_returns_the_network_output_uncopied() -> None:
     split = sliding_window_2d(slab, network, (16, 16), 0.5, 2)
     assert len(outputs) == 3 and not any(np.shares_memory(split, output) for output in outputs)
     np.testing.assert_array_equal(split, slab * 2.0)
+
+
+def test_fitted_patch_pads_short_axes_to_the_next_multiple_only() -> None:
+    assert fitted_patch((202, 244), (256, 256), 16) == (208, 256)  # the default CT model's slices
+    assert fitted_patch((300, 100), (256, 256), 16) == (256, 112)  # long axes keep the patch
+    assert fitted_patch((256, 1), (256, 256), 16) == (256, 16)
+    assert fitted_patch((202, 244), (256, 256), 1) == (256, 256)  # factor not declared: whole patch
+    with pytest.raises(ValueError, match="differ in length"):
+        fitted_patch((10, 10), (16, 16, 16), 16)
+    with pytest.raises(ValueError, match="positive"):
+        fitted_patch((0, 10), (16, 16), 16)
+
+
+def test_fit_window_runs_the_smaller_window_with_the_same_result() -> None:
+    """A network without padding-dependent statistics: the fitted window gives the whole patch's values."""
+    rng = np.random.default_rng(5)
+    slab = rng.normal(size=(3, 37, 70, 2)).astype(np.float32)
+    shapes: list[tuple[int, ...]] = []
+
+    def network(batch: np.ndarray) -> np.ndarray:
+        shapes.append(batch.shape)
+        return np.tanh(batch) + 1.0  # position-independent: padding cannot leak into the image
+
+    fitted = sliding_window_2d(slab, network, (64, 64), 0.5, 4, divisible_by=16, fit_window=True)
+    assert {s[1:3] for s in shapes} == {(48, 64)}  # 37 → 48 (next multiple of 16); 70 > 64 keeps 64
+    shapes.clear()
+    whole = sliding_window_2d(slab, network, (64, 64), 0.5, 4, divisible_by=16)
+    assert {s[1:3] for s in shapes} == {(64, 64)}  # default: the card's whole patch
+    np.testing.assert_allclose(fitted, whole, rtol=1e-6, atol=1e-6)
+    shapes.clear()
+    sliding_window_2d(slab, network, (64, 64), 0.5, 4, divisible_by=16, fit_window=True,
+                      importance_map=gaussian_importance_map((64, 64)))
+    assert {s[1:3] for s in shapes} == {(64, 64)}  # weights for the whole patch: the patch is kept
 
 
 def test_tta_flips_back_predictions() -> None:

@@ -477,8 +477,8 @@ def _segment_2d(
                         None if uncertainty is None else np.moveaxis(uncertainty, axis, 0))
     divisible_by = int(getattr(spatial, "divisible_by", 1) or 1)
     _SlabStream(
-        slabs, mapper, plane, patch, slab_size, specs, stats, clock, options, batch_size, divisible_by, per_slice,
-        progress, should_cancel,
+        slabs, mapper, plane, patch, slab_size, specs, stats, clock, options, batch_size, divisible_by,
+        bool(getattr(card, "window_size_free", False)), per_slice, progress, should_cancel,
     ).run()
     mapper.check_complete()
     clock.seconds["stitch"] += mapper.seconds
@@ -502,6 +502,7 @@ class _SlabStream:
     options: SegmentOptions
     batch_size: int
     divisible_by: int
+    fit_window: bool
     per_slice: int
     progress: ProgressFn | None
     should_cancel: Callable[[], bool] | None
@@ -539,6 +540,7 @@ class _SlabStream:
                     self.batch_size,
                     tta=self.options.tta,
                     divisible_by=self.divisible_by,
+                    fit_window=self.fit_window,
                     num_classes=self.mapper.classes,
                     progress=lambda d, t, offset=done: _report(self.progress, MODEL, offset + d, total_windows),
                     should_cancel=self.should_cancel,

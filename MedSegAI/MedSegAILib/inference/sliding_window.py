@@ -11,7 +11,11 @@ Array layouts (channels-last, like Keras):
 
 Windows are spread evenly (first at 0, last ending exactly at the border); an axis shorter than
 the patch is zero-padded symmetrically on the fly (no padded copy of the input) and the padding is
-cropped from the result. Overlapping predictions are blended with a Gaussian importance map
+cropped from the result. In 2D, for a network whose output does not depend on the padding
+(``fit_window``: batch normalisation, ``ModelCard.window_size_free``) and whose down-sampling
+factor is declared (``divisible_by`` > 1), such an axis is padded only to the next multiple of it,
+not to the whole patch (:func:`fitted_patch`): a 202-pixel axis under a 256 patch runs as 208,
+19 % less network work for the same one window per slice. Overlapping predictions are blended with a Gaussian importance map
 (σ = patch × ``sigma_scale``): ``sum(w · p) / sum(w)``.
 """
 
@@ -28,6 +32,7 @@ __all__ = [
     "gaussian_importance_map",
     "window_starts",
     "window_grid",
+    "fitted_patch",
     "sliding_window_2d",
     "sliding_window_3d",
     "PredictFn",
@@ -111,6 +116,36 @@ def window_grid(shape: Sequence[int], patch_size: Sequence[int], overlap: float)
     per_axis = [_axis_starts(n, p, overlap) for n, p in zip(shape, patch_size)]
     grid = np.stack(np.meshgrid(*[np.asarray(s) for s in per_axis], indexing="ij"), axis=-1)
     return [tuple(int(v) for v in row) for row in grid.reshape(-1, len(shape))]
+
+
+def fitted_patch(shape: Sequence[int], patch_size: Sequence[int], divisible_by: int) -> tuple[int, ...]:
+    """The window actually run: ``patch_size``, shrunk on axes the image does not fill.
+
+    A fully convolutional network takes any size that is a multiple of its down-sampling factor.
+    On an axis shorter than the patch there is one window either way; padding it only to the next
+    multiple of ``divisible_by`` instead of to the whole patch gives the network less to compute.
+
+    Args:
+        shape: the image's size per axis (array order).
+        patch_size: the card's window, same order.
+        divisible_by: the network's down-sampling factor; 1 means "not declared", and then the
+            patch is kept whole (a network's constraint is unknown).
+
+    Returns:
+        The window per axis: ``min(patch, ceil(size / divisible_by) × divisible_by)`` where
+        ``divisible_by`` > 1, else ``patch_size`` unchanged.
+
+    Raises:
+        ValueError: ``shape`` and ``patch_size`` differ in length, or a size is below 1.
+    """
+    if len(shape) != len(patch_size):
+        raise ValueError(f"shape {tuple(shape)} and patch_size {tuple(patch_size)} differ in length")
+    if any(int(n) < 1 for n in shape) or any(int(p) < 1 for p in patch_size):
+        raise ValueError(f"shape {tuple(shape)} and patch_size {tuple(patch_size)} must be positive")
+    step = int(divisible_by)
+    if step <= 1:
+        return tuple(int(p) for p in patch_size)
+    return tuple(min(int(p), -(-int(n) // step) * step) for n, p in zip(shape, patch_size))
 
 
 def _crop(start: int, patch: int, size: int) -> tuple[slice, slice]:
@@ -203,6 +238,7 @@ def sliding_window_2d(
     *,
     tta: bool = False,
     divisible_by: int = 1,
+    fit_window: bool = False,
     num_classes: int | None = None,
     importance_map: np.ndarray | None = None,
     progress: WindowProgress | None = None,
@@ -218,8 +254,12 @@ def sliding_window_2d(
         batch_size: windows per ``predict`` call (windows of several slices share a batch).
         tta: average the prediction with those of the images flipped along y and along x.
         divisible_by: the patch size must be a multiple of it (network down-sampling factor).
+        fit_window: the network's output does not depend on the padding (no instance
+            normalisation): with ``divisible_by`` > 1, an axis shorter than the patch runs padded
+            only to its next multiple (:func:`fitted_patch`).
         num_classes: expected K (checked); taken from the first output when None.
-        importance_map: ``(py, px)`` blending weights; Gaussian σ = patch/8 by default.
+        importance_map: ``(py, px)`` blending weights; Gaussian σ = patch/8 by default. Given,
+            the patch is used whole.
         progress: called as ``progress(windows_done, windows_total)`` after each batch.
         should_cancel: checked before each batch; True raises :class:`errors.CancelledError`.
 
@@ -232,6 +272,8 @@ def sliding_window_2d(
     _check_common(slab, 2, overlap, batch_size, "slab")
     patch = _check_patch(patch_size, 2, divisible_by)
     slices, height, width, channels = slab.shape
+    if fit_window and importance_map is None:
+        patch = fitted_patch((height, width), patch, divisible_by)
     starts = window_grid((height, width), patch, overlap)
     crops = [(_crop(sy, patch[0], height), _crop(sx, patch[1], width)) for sy, sx in starts]
     single_window = len(crops) == 1  # one window per slice: nothing to blend, no weights needed

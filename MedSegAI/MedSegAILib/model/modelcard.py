@@ -110,6 +110,22 @@ class ModelCard:
         return max(label.value for label in self.labels) + 1
 
     @property
+    def window_size_free(self) -> bool:
+        """Whether the network's output inside the image does not depend on how far a window is padded.
+
+        True for a 2D/3D U-Net whose normalisation is batch normalisation or none
+        (``architecture.config.norm``): fixed statistics, so a window padded only to the next
+        multiple of ``divisible_by`` gives the labels of the card's whole patch (the engine then
+        runs the smaller window). Instance or group normalisation computes its statistics over the
+        window, padding included, and a card without ``architecture`` says nothing: False.
+        """
+        architecture = self.raw.get("architecture")
+        config = architecture.get("config") if isinstance(architecture, dict) else None
+        if not isinstance(config, dict) or "norm" not in config:
+            return False
+        return config["norm"] in ("batch", "none", None)
+
+    @property
     def channel_names(self) -> list[str]:
         return [channel.name for channel in self.channels]
 
