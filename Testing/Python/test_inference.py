@@ -378,3 +378,33 @@ def test_errors_on_worker_threads_reach_the_caller_and_leave_no_thread(ct: Volum
     monkeypatch.setattr(inference, failing, original)
     expected = (np.asarray(ct.array, dtype=np.float32) > THRESHOLD_HU).astype(np.uint8)
     np.testing.assert_array_equal(segment_volumes([ct], make_card("2d", (32, 32)), threshold_network()).array, expected)
+
+
+@pytest.mark.parametrize(("device", "expected"), [("cpu", 8), ("gpu", 16)])
+def test_cpu_runs_cap_the_windows_per_call(ct_small, device: str, expected: int) -> None:
+    """The shipped CT card asks for 16 windows per call; on a CPU the pipeline sends 8 (same speed, less memory)."""
+    from MedSegAILib.inference.pipeline import segment_case
+    from MedSegAILib.io.imageio import read_volume
+    from MedSegAILib.model.modelcard import find_model
+
+    card = find_model("ct-abdomen-organs")
+    assert card.spatial.batch_size == 16 and inference.cpu_batch_size(card) == 8
+    calls: list[int] = []
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.device = device
+
+        def predict(self, batch: np.ndarray) -> np.ndarray:
+            calls.append(batch.shape[0])
+            probabilities = np.zeros(batch.shape[:-1] + (card.num_classes,), np.float32)
+            probabilities[..., 0] = 1.0
+            return probabilities
+
+    image = read_volume(ct_small)
+    labels, _ = segment_case([image], card, predictor=Recorder())
+    assert labels.same_grid(image) and not labels.array.any()
+    assert max(calls) == expected and sum(calls) == image.array.shape[0]  # one window per axial slice
+    calls.clear()
+    segment_case([image], card, predictor=Recorder(), options=inference.SegmentOptions(batch_size=3))
+    assert max(calls) == 3  # the user's choice is kept

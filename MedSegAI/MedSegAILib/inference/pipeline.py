@@ -7,7 +7,7 @@ Outputs are written atomically; nothing that exists is overwritten unless asked.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -123,7 +123,7 @@ def segment_case(
         ``(labels, card)``: uint8 labels on exactly the first volume's grid, and the model card.
     """
     from ..model.backends import load_predictor
-    from .segment import SegmentOptions, segment_volumes
+    from .segment import SegmentOptions, cpu_batch_size, segment_volumes
     from .validation import check_channels
 
     card = model if isinstance(model, ModelCard) else find_model(model)
@@ -133,11 +133,14 @@ def segment_case(
         start = time.perf_counter()
         predictor = load_predictor(card, backend=backend, device=device, precision=getattr(options, "precision", "auto"))
         timings["model_load"] = time.perf_counter() - start
+    options = options if options is not None else SegmentOptions()
+    if options.batch_size is None and getattr(predictor, "device", "cpu") == "cpu":
+        options = replace(options, batch_size=cpu_batch_size(card))  # same speed, less memory
     labels = segment_volumes(
         checked,
         card,
         predictor.predict,  # type: ignore[attr-defined]
-        options=options if options is not None else SegmentOptions(),
+        options=options,
         progress=progress,
         should_cancel=should_cancel,
         timings=timings,
