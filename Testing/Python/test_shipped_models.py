@@ -173,7 +173,7 @@ def test_ct_model_segments_the_shared_ct_cases(ct_cases) -> None:
 
 @pytest.mark.slow
 def test_fitted_window_keeps_the_ct_labels(ct_cases, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CT model (batch normalisation) runs 208×256 windows on 202×244 slices instead of 256×256.
+    """The CT model (batch normalisation) pads short slice axes to the next multiple of 16, not to 256.
 
     Same labels as with the whole patch on the shared CT: on example_ct_sm (3 mm voxels) the fitted
     window changed 256 of 61,946 labelled voxels (0.41 %) and no label's Dice by more than 0.0015
