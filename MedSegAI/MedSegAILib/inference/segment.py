@@ -439,10 +439,13 @@ def cpu_batch_size(card: Any) -> int:
         ``min(card batch, CPU_BATCH_PIXELS // window pixels)``, at least 1 (3D: pixels of the
         whole ``(z, y, x)`` window).
     """
-    spatial = card.spatial
-    batch = int(getattr(spatial, "batch_size", None) or DEFAULT_BATCH_SIZE[spatial.mode])
-    pixels = math.prod(int(p) for p in spatial.patch_size)
-    return max(1, min(batch, CPU_BATCH_PIXELS // max(1, pixels)))
+    pixels = math.prod(int(p) for p in card.spatial.patch_size)
+    return max(1, min(_card_batch_size(card), CPU_BATCH_PIXELS // max(1, pixels)))
+
+
+def _card_batch_size(card: Any) -> int:
+    """The card's windows per call, else :data:`DEFAULT_BATCH_SIZE` for its mode."""
+    return int(getattr(card.spatial, "batch_size", None) or DEFAULT_BATCH_SIZE[card.spatial.mode])
 
 
 def _check_inputs(volumes: Sequence[Volume], card: Any) -> None:
@@ -699,7 +702,7 @@ def segment_volumes(
     names = {int(label.value): label.name for label in card.labels}
     tracked = component_labels(config, names, classes - 1)  # checks the post-processing options before any work
     mode = card.spatial.mode
-    batch_size = int(options.batch_size or getattr(card.spatial, "batch_size", None) or DEFAULT_BATCH_SIZE[mode])
+    batch_size = int(options.batch_size or _card_batch_size(card))
 
     start = time.perf_counter()
     _report(progress, PREPROCESS, 0, len(volumes))
