@@ -43,13 +43,9 @@ class BiasedPredictor:
         return probabilities
 
 
-def _dice(prediction: np.ndarray, reference: np.ndarray) -> float:
-    total = int(prediction.sum()) + int(reference.sum())
-    return 1.0 if total == 0 else 2.0 * int((prediction & reference).sum()) / total
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    import bench_loop
+    import bench_loop  # also puts training/ on the path
+    from medsegai_training.evaluate import dice
     from MedSegAILib.inference.pipeline import segment_case
     from MedSegAILib.model.backends import load_predictor
     from MedSegAILib.model.modelcard import find_model
@@ -77,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             row = {}
             for key, (images, reference) in studies.items():
                 labels, _ = segment_case(images, card, predictor=BiasedPredictor(predictor, bias))
-                row[key] = round(_dice(np.asarray(labels.array) > 0, reference), 4)
+                row[key] = round(dice(np.asarray(labels.array) > 0, reference), 4)
             scores[bias] = row
             print(json.dumps({"model": spec, "bias": bias, "dice": row}), flush=True)
         earlier, later = own[0], own[1]
