@@ -243,6 +243,47 @@ def test_other_nrrd_layouts_are_read_by_itk_with_the_same_voxels(tmp_path: Path,
         assert volume.spacing == pytest.approx(image.GetSpacing())
 
 
+@pytest.mark.parametrize("which", ["ct-int16", "mr-uint16"])
+def test_raw_nifti_is_memory_mapped_read_only_and_equal(tmp_path: Path, ct_small: Path, shared_data: Path, which: str) -> None:
+    """An uncompressed ``.nii`` maps like a raw NRRD: ITK's voxels and geometry, no copy, never writable."""
+    source = ct_small if which == "ct-int16" else shared_data / "mr-brain-tumor" / "PGBM-001" / "1991-11-19" / "T1post.nrrd"
+    image = sitk.ReadImage(str(source))
+    image.SetDirection(tuple(_oblique_flipped_direction().ravel()))
+    path = tmp_path / "raw.nii"
+    sitk.WriteImage(image, str(path), useCompression=False)
+    reference = sitk.ReadImage(str(path))  # NIfTI stores the direction as a quaternion: compare with ITK's reading
+    volume = imageio.read_volume(path)
+    assert _memory_mapped(volume.array) and not volume.array.flags.writeable
+    assert volume.array.dtype == sitk.GetArrayViewFromImage(image).dtype
+    np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(image))
+    assert volume.spacing == pytest.approx(reference.GetSpacing())
+    assert volume.origin == pytest.approx(reference.GetOrigin())
+    np.testing.assert_allclose(volume.direction.reshape(-1), reference.GetDirection())
+    with pytest.raises(ValueError, match="read-only"):
+        volume.array[0, 0, 0] = 1
+
+
+def test_other_nifti_layouts_are_read_by_itk_with_the_same_voxels(tmp_path: Path, ct_small: Path) -> None:
+    """Intensity scaling, trailing bytes, a wrong magic: not mapped, read by ITK as before."""
+    import struct
+
+    plain = tmp_path / "plain.nii"
+    sitk.WriteImage(sitk.ReadImage(str(ct_small)), str(plain), useCompression=False)
+    data = bytearray(plain.read_bytes())
+    assert data[344:348] == b"n+1\0" and struct.unpack("<3f", data[108:120])[1:] in ((0.0, 0.0), (1.0, 0.0))
+    scaled = bytearray(data)
+    scaled[112:120] = struct.pack("<2f", 2.0, -10.0)  # scl_slope, scl_inter
+    trailing = data + b"\0\0"
+    for name, content in (("scaled.nii", scaled), ("trailing.nii", trailing)):
+        path = tmp_path / name
+        path.write_bytes(bytes(content))
+        volume = imageio.read_volume(path)
+        assert not _memory_mapped(volume.array), name
+        np.testing.assert_array_equal(volume.array, sitk.GetArrayFromImage(sitk.ReadImage(str(path))), err_msg=name)
+    stored = sitk.GetArrayFromImage(sitk.ReadImage(str(plain))).astype(np.float64)
+    np.testing.assert_allclose(imageio.read_volume(tmp_path / "scaled.nii").array, 2.0 * stored - 10.0)
+
+
 def test_truncated_raw_nrrd_is_refused(tmp_path: Path, ct_small: Path) -> None:
     complete = tmp_path / "complete.nrrd"
     sitk.WriteImage(sitk.ReadImage(str(ct_small)), str(complete), useCompression=False)

@@ -194,7 +194,9 @@ def _read_image_file(path: Path) -> Volume:
     )
     if full_suffix(path) in (".nii", ".nii.gz") and not _nifti_is_complete(path):
         raise truncated
-    mapped = None if squeeze else _mapped_raw_nrrd(path, reader)
+    mapped = None
+    if not squeeze:
+        mapped = _mapped_raw_nifti(path, reader) if full_suffix(path) == ".nii" else _mapped_raw_nrrd(path, reader)
     if mapped is not None:
         volume = Volume(mapped, reader.GetSpacing(), reader.GetOrigin(), np.array(reader.GetDirection()).reshape(3, 3))
     else:
@@ -289,6 +291,62 @@ def _mapped_raw_nrrd(path: Path, reader: Any) -> np.ndarray | None:
                 return None
             mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError):
+        return None
+    return np.frombuffer(mapping, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(shape)
+
+
+# NIfTI ``datatype`` codes of scalar voxels -> numpy type
+_NIFTI_TYPES = {2: np.uint8, 4: np.int16, 8: np.int32, 16: np.float32, 64: np.float64, 256: np.int8,
+                512: np.uint16, 768: np.uint32, 1024: np.int64, 1280: np.uint64}
+
+
+def _nifti_layout(header: bytes) -> tuple[str, np.dtype, tuple[int, ...], int, float, float] | None:
+    """``(byte order, voxel type, dims (x, y, z, ...), voxel offset, scl_slope, scl_inter)`` of a
+    single-file NIfTI-1 header (magic ``n+1``); None for anything else (NIfTI-2 included)."""
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348 and header[344:348] == b"n+1\0":
+            break
+    else:
+        return None
+    datatype = struct.unpack(order + "h", header[70:72])[0]
+    dims = struct.unpack(order + "8h", header[40:56])
+    offset, slope, inter = struct.unpack(order + "3f", header[108:120])
+    if datatype not in _NIFTI_TYPES or not 1 <= dims[0] <= 7 or offset != int(offset):
+        return None
+    return order, np.dtype(_NIFTI_TYPES[datatype]), tuple(int(d) for d in dims[1 : 1 + dims[0]]), int(offset), slope, inter
+
+
+def _mapped_raw_nifti(path: Path, reader: Any) -> np.ndarray | None:
+    """The voxels of an uncompressed single-file 3D ``.nii``, memory-mapped read-only, or None.
+
+    As :func:`_mapped_raw_nrrd`, for the plain layout only: NIfTI-1 in one file, native byte
+    order, 3 dimensions of the size ITK reports, the voxel type ITK reports, no intensity scaling
+    (``scl_slope`` 0 or 1, ``scl_inter`` 0: ITK would return rescaled floats), the file exactly
+    header + voxels long. Anything else returns None and is read by ITK.
+    """
+    dtype = _numpy_dtype(reader.GetPixelID())
+    if reader.GetDimension() != 3 or dtype is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            layout = _nifti_layout(handle.read(544))
+            if layout is None:
+                return None
+            order, stored, dims, offset, slope, inter = layout
+            shape = tuple(int(n) for n in reversed(reader.GetSize()))
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if (
+                stored != dtype
+                or list(dims) != list(reversed(shape))
+                or (dtype.itemsize > 1 and order != ("<" if sys.byteorder == "little" else ">"))
+                or slope not in (0.0, 1.0)
+                or inter != 0.0
+                or offset < 348
+                or os.fstat(handle.fileno()).st_size != offset + nbytes
+            ):
+                return None
+            mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError, OverflowError, struct.error):
         return None
     return np.frombuffer(mapping, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(shape)
 
