@@ -123,3 +123,35 @@ def test_precision_int8_without_an_int8_file_is_one_error_line(ct_small, tmp_pat
     with pytest.raises(SystemExit) as exited:
         main(["segment", str(ct_small), "-o", str(output), "--model", str(model), "--precision", "int4"])
     assert exited.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_int8_graph_gets_one_softmax_over_the_last_axis(ct_small) -> None:
+    """The export's decomposed channel softmax becomes Transpose + Softmax(axis=-1): same probabilities."""
+    import onnx
+    import onnxruntime as ort
+    from medsegai_training.quantize import softmax_on_the_last_axis
+    from MedSegAILib.model.modelcard import find_model
+
+    card = find_model("ct-abdomen-organs")
+    decomposed = onnx.load(str(card.weights_path("onnx")))
+    assert [n.op_type for n in decomposed.graph.node[-6:]] == ["ReduceMax", "Sub", "Exp", "ReduceSum", "Div", "Transpose"]
+    rewritten = onnx.load(str(card.weights_path("onnx")))
+    assert softmax_on_the_last_axis(rewritten) is True
+    assert softmax_on_the_last_axis(rewritten) is False  # nothing left to rewrite
+    onnx.checker.check_model(rewritten)
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops[-2:] == ["Transpose", "Softmax"] and ops.count("Softmax") == 1 and "Exp" not in ops
+    assert [o.name for o in rewritten.graph.output] == [o.name for o in decomposed.graph.output]
+
+    hu = np.asarray(read_volume(ct_small).array, dtype=np.float32)[10:14]  # 4 real axial slices, 101x122
+    windows = np.zeros((4, 112, 128, 1), np.float32)
+    windows[:, :101, :122, 0] = np.clip((hu + 200.0) / 500.0, 0.0, 1.0)
+    before = ort.InferenceSession(decomposed.SerializeToString()).run(None, {"image": windows})[0]
+    after = ort.InferenceSession(rewritten.SerializeToString()).run(None, {"image": windows})[0]
+    assert after.shape == before.shape == (4, 112, 128, card.num_classes)
+    np.testing.assert_allclose(after, before, atol=1e-6)
+    np.testing.assert_array_equal(after.argmax(-1), before.argmax(-1))
+    assert len(np.unique(before.argmax(-1))) > 1  # real anatomy, not an all-background window
+
+    shipped = onnx.load(str(card.folder / "model.int8.onnx"))  # the shipped int8 file carries the rewrite
+    assert [n.op_type for n in shipped.graph.node].count("Softmax") == 1 and softmax_on_the_last_axis(shipped) is False

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from MedSegAILib.core.errors import MedSegAIInputError, ModelFolderError
 
-__all__ = ["MAX_INT8_DICE_DROP", "quantize_model"]
+__all__ = ["MAX_INT8_DICE_DROP", "quantize_model", "softmax_on_the_last_axis"]
 
 MAX_INT8_DICE_DROP = 0.01
 CALIBRATION_WINDOWS = 64
@@ -96,6 +96,66 @@ def _quantize_file(source: Path, target: Path, windows: list[np.ndarray], input_
             str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
         )
+    import onnx
+
+    quantized = onnx.load(str(target))
+    if softmax_on_the_last_axis(quantized):
+        onnx.checker.check_model(quantized)
+        onnx.save(quantized, str(target))
+
+
+def softmax_on_the_last_axis(model_proto: Any) -> bool:
+    """Give a 2D int8 graph's output one ``Softmax`` over its last axis (in place); True when rewritten.
+
+    The export decomposes the channel softmax of an NCHW head (:func:`.export.simplify_onnx`:
+    ``ReduceMax``/``Sub``/``Exp``/``ReduceSum``/``Div`` over axis 1, then the ``Transpose`` to
+    channels-last that the graph output is). That is the faster form in float, where ONNX Runtime
+    keeps the head in NCHW. In the int8 graph ONNX Runtime runs the convolutions channels-last, so
+    ``Transpose`` first and ``Softmax(axis=-1)`` after is the same function with contiguous classes
+    (measured on the default CT model, 208x256 windows, 2 threads: 2.3 -> 1.4 ms of a 36 ms window;
+    probabilities within 2.4e-7, the same labels). Anything else is left as it is.
+
+    Args:
+        model_proto: an ``onnx.ModelProto`` written by :func:`.export.simplify_onnx` and quantised.
+    """
+    from onnx import helper
+
+    from .export import _prune_dead_nodes
+
+    graph = model_proto.graph
+    by_name = {node.name: node for node in graph.node}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    for div in list(graph.node):
+        if div.op_type != "Div" or not div.name.endswith("/medsegai_softmax/Div"):
+            continue
+        base = div.name[: -len("/Div")]
+        parts = [by_name.get(f"{base}/{part}") for part in ("max", "Sub", "Exp", "sum")]
+        users = consumers.get(div.output[0], [])
+        if any(part is None for part in parts) or len(users) != 1:
+            continue
+        transpose = users[0]
+        perm = next((list(helper.get_attribute_value(a)) for a in transpose.attribute if a.name == "perm"), None)
+        if transpose.op_type != "Transpose" or perm != [0, 2, 3, 1] or transpose.output[0] not in outputs:
+            continue
+        logits = parts[0].input[0]
+        if parts[1].input[0] != logits:
+            continue
+        channels_last = f"{base}/channels_last"
+        new_nodes = [
+            helper.make_node("Transpose", [logits], [channels_last], perm=perm, name=f"{base}/Transpose"),
+            helper.make_node("Softmax", [channels_last], [transpose.output[0]], axis=-1, name=f"{base}/Softmax"),
+        ]
+        gone = {id(node) for node in (*parts, div, transpose)}
+        kept = [node for node in graph.node if id(node) not in gone]
+        del graph.node[:]
+        graph.node.extend(kept + new_nodes)
+        _prune_dead_nodes(graph)
+        return True
+    return False
 
 
 def _counts(labels: np.ndarray, reference: np.ndarray) -> tuple[int, int]:
