@@ -128,6 +128,7 @@ def test_precision_int8_without_an_int8_file_is_one_error_line(ct_small, tmp_pat
 def test_int8_graph_gets_one_softmax_over_the_last_axis(ct_small) -> None:
     """The export's decomposed channel softmax becomes Transpose + Softmax(axis=-1): same probabilities."""
     import onnx
+    import onnx.numpy_helper
     import onnxruntime as ort
     from medsegai_training.quantize import softmax_on_the_last_axis
     from MedSegAILib.model.modelcard import find_model
@@ -135,6 +136,10 @@ def test_int8_graph_gets_one_softmax_over_the_last_axis(ct_small) -> None:
     card = find_model("ct-abdomen-organs")
     decomposed = onnx.load(str(card.weights_path("onnx")))
     assert [n.op_type for n in decomposed.graph.node[-6:]] == ["ReduceMax", "Sub", "Exp", "ReduceSum", "Div", "Transpose"]
+    other_axis = onnx.load(str(card.weights_path("onnx")))
+    axes = next(t for t in other_axis.graph.initializer if t.name.endswith("/medsegai_softmax/axes"))
+    axes.CopyFrom(onnx.numpy_helper.from_array(np.array([2], np.int64), axes.name))
+    assert softmax_on_the_last_axis(other_axis) is False  # not the channel axis: left alone
     rewritten = onnx.load(str(card.weights_path("onnx")))
     assert softmax_on_the_last_axis(rewritten) is True
     assert softmax_on_the_last_axis(rewritten) is False  # nothing left to rewrite

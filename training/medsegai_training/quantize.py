@@ -118,7 +118,7 @@ def softmax_on_the_last_axis(model_proto: Any) -> bool:
     Args:
         model_proto: an ``onnx.ModelProto`` written by :func:`.export.simplify_onnx` and quantised.
     """
-    from onnx import helper
+    from onnx import helper, numpy_helper
 
     from .export import _prune_dead_nodes
 
@@ -142,8 +142,9 @@ def softmax_on_the_last_axis(model_proto: Any) -> bool:
         if transpose.op_type != "Transpose" or perm != [0, 2, 3, 1] or transpose.output[0] not in outputs:
             continue
         logits = parts[0].input[0]
-        if parts[1].input[0] != logits:
-            continue
+        axes = next((t for t in graph.initializer if t.name == (parts[3].input[1] if len(parts[3].input) > 1 else "")), None)
+        if parts[1].input[0] != logits or axes is None or numpy_helper.to_array(axes).tolist() not in ([1], [-3]):
+            continue  # only the channel axis of an NCHW head
         channels_last = f"{base}/channels_last"
         new_nodes = [
             helper.make_node("Transpose", [logits], [channels_last], perm=perm, name=f"{base}/Transpose"),
