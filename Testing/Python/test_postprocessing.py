@@ -236,3 +236,32 @@ def test_split_hole_search_holds_one_labels_components_at_a_time() -> None:
         finally:
             tracemalloc.stop()
     assert peak < 8 * labels.size, f"peak {peak / labels.size:.1f} bytes per voxel"
+
+
+def test_largest_component_of_speckled_labels_holds_one_label_at_a_time() -> None:
+    """Speckle (a network with random weights, or far off its training data) puts every label's box
+    over the whole map. Labels whose working arrays would exceed ``_PARALLEL_BYTES`` side by side
+    then run one at a time: the peak is one label's components and masks, the labels are the same."""
+    import tracemalloc
+    from unittest import mock
+
+    from MedSegAILib.inference import postprocessing
+
+    rng = np.random.default_rng(0)
+    speckle = rng.integers(0, 5, size=(24, 128, 128)).astype(np.uint8)
+    config, names = {"largest_component": True}, {1: "a", 2: "b", 3: "c", 4: "d"}
+    with mock.patch.dict("os.environ", {"MEDSEGAI_THREADS": "1"}):
+        expected = postprocess(speckle, SPACING, config, names)
+    labels = speckle.copy()
+    budget = 20 * labels.size  # more than one label's ~16 bytes per voxel, less than two labels'
+    with mock.patch.dict("os.environ", {"MEDSEGAI_THREADS": "2"}), mock.patch.object(postprocessing, "_PARALLEL_VOXELS", 0), \
+            mock.patch.object(postprocessing, "_PARALLEL_BYTES", budget):
+        tracemalloc.start()
+        try:
+            postprocess_in_place(labels, SPACING, config, names)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    np.testing.assert_array_equal(labels, expected)
+    assert set(np.unique(labels)) == {0, 1, 2, 3, 4} and np.count_nonzero(labels) < np.count_nonzero(speckle)
+    assert peak < 24 * labels.size, f"peak {peak / labels.size:.1f} bytes per voxel"

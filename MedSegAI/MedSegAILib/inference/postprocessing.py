@@ -49,6 +49,11 @@ def _selected(option: Any, key: str, label_names: Mapping[int, str]) -> list[int
 
 # Below this many bounding-box voxels in all, largest_component and fill_holes run on one thread.
 _PARALLEL_VOXELS = 4_000_000
+# Labels run side by side only while their working arrays fit in this (_BYTES_PER_BOX_VOXEL per
+# voxel of each box, measured: int32 components and bool masks). A speckled map, whose labels all span the
+# whole volume, runs them one at a time: 512x512x200 at width 32, peak 1.39 -> 1.03 GB, same labels.
+_PARALLEL_BYTES = 256 * 1024 * 1024
+_BYTES_PER_BOX_VOXEL = 16
 # Over this many voxels, a label's box is searched for holes in two halves on parallel threads.
 _SPLIT_VOXELS = 8_000_000
 
@@ -155,12 +160,15 @@ def _per_label(task: Callable[[int], Any], values: list[int], boxes: list[tuple[
     """``task(value)`` for each listed label that is present; (those labels, the results in order).
 
     Big boxes (over ``_PARALLEL_VOXELS`` in all) run on parallel threads (``MEDSEGAI_THREADS``,
-    default: the usable cores): ``ndimage.label`` and numpy release the GIL.
+    default: the usable cores): ``ndimage.label`` and numpy release the GIL. Not when the boxes that
+    would be worked on at once need more than ``_PARALLEL_BYTES``: then one label at a time.
     """
     todo = [value for value in values if value <= len(boxes) and boxes[value - 1] is not None]
     workers = min(len(todo), thread_count())
-    big = sum(_voxels(boxes[v - 1]) for v in todo) > _PARALLEL_VOXELS
-    if workers <= 1 or not big:
+    sizes = sorted((_voxels(boxes[v - 1]) for v in todo), reverse=True)
+    big = sum(sizes) > _PARALLEL_VOXELS
+    fits = sum(sizes[:workers]) * _BYTES_PER_BOX_VOXEL <= _PARALLEL_BYTES
+    if workers <= 1 or not big or not fits:
         return todo, [task(value) for value in todo]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return todo, list(pool.map(task, todo))
