@@ -193,10 +193,7 @@ def simplify_onnx(model_proto: Any) -> list[str]:
     graph = model_proto.graph
     opset = _opset(model_proto)
     changes: list[str] = []
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
     graph_outputs = {o.name for o in graph.output}
 
     def attrs(node: Any) -> dict[str, Any]:
@@ -339,6 +336,15 @@ def _split_conv(conv: Any, concat: Any, sizes: list[int], weight: Any, initializ
         nodes.append(helper.make_node("Add", [total, part_output], [result], name=f"{conv.output[0]}/medsegai_add{k}"))
         total = result
     return nodes
+
+
+def _consumers(graph: Any) -> dict[str, list[Any]]:
+    """Tensor name -> the nodes of ``graph`` that read it."""
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
 
 
 def _prune_dead_nodes(graph: Any) -> None:

@@ -120,14 +120,12 @@ def softmax_on_the_last_axis(model_proto: Any) -> bool:
     """
     from onnx import helper, numpy_helper
 
-    from .export import _prune_dead_nodes
+    from .export import _consumers, _prune_dead_nodes
 
     graph = model_proto.graph
     by_name = {node.name: node for node in graph.node}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
+    initializers = {t.name: t for t in graph.initializer}
     outputs = {o.name for o in graph.output}
     for div in list(graph.node):
         if div.op_type != "Div" or not div.name.endswith("/medsegai_softmax/Div"):
@@ -142,7 +140,7 @@ def softmax_on_the_last_axis(model_proto: Any) -> bool:
         if transpose.op_type != "Transpose" or perm != [0, 2, 3, 1] or transpose.output[0] not in outputs:
             continue
         logits = parts[0].input[0]
-        axes = next((t for t in graph.initializer if t.name == (parts[3].input[1] if len(parts[3].input) > 1 else "")), None)
+        axes = initializers.get(parts[3].input[1]) if len(parts[3].input) > 1 else None  # ReduceSum's axes
         if parts[1].input[0] != logits or axes is None or numpy_helper.to_array(axes).tolist() not in ([1], [-3]):
             continue  # only the channel axis of an NCHW head
         channels_last = f"{base}/channels_last"

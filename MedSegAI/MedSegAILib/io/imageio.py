@@ -275,9 +275,7 @@ def _mapped_raw_nrrd(path: Path, reader: Any) -> np.ndarray | None:
             header = _nrrd_header(handle)
             if header is None:
                 return None
-            offset = handle.tell()
             shape = tuple(int(n) for n in reversed(reader.GetSize()))
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             kinds = header.get("kinds", "domain domain domain").split()
             if (
                 header.get("encoding") != "raw"
@@ -286,12 +284,20 @@ def _mapped_raw_nrrd(path: Path, reader: Any) -> np.ndarray | None:
                 or set(header) & _NRRD_LAYOUT_FIELDS
                 or (dtype.itemsize > 1 and header.get("endian") != sys.byteorder)
                 or not set(kinds) <= {"domain", "space"}
-                or os.fstat(handle.fileno()).st_size != offset + nbytes
             ):
                 return None
-            mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            return _mapped_voxels(handle, handle.tell(), shape, dtype)
     except (OSError, ValueError):
         return None
+
+
+def _mapped_voxels(handle: BinaryIO, offset: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+    """The ``shape`` voxels at ``offset`` of an open file that ends exactly after them, memory-mapped
+    read-only (the mapping outlives ``handle``); None when the file's size says otherwise."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if os.fstat(handle.fileno()).st_size != offset + nbytes:
+        return None
+    mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     return np.frombuffer(mapping, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(shape)
 
 
@@ -334,7 +340,6 @@ def _mapped_raw_nifti(path: Path, reader: Any) -> np.ndarray | None:
                 return None
             order, stored, dims, offset, slope, inter = layout
             shape = tuple(int(n) for n in reversed(reader.GetSize()))
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             if (
                 stored != dtype
                 or list(dims) != list(reversed(shape))
@@ -342,13 +347,11 @@ def _mapped_raw_nifti(path: Path, reader: Any) -> np.ndarray | None:
                 or slope not in (0.0, 1.0)
                 or inter != 0.0
                 or offset < 348
-                or os.fstat(handle.fileno()).st_size != offset + nbytes
             ):
                 return None
-            mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            return _mapped_voxels(handle, offset, shape, dtype)
     except (OSError, ValueError, OverflowError, struct.error):
         return None
-    return np.frombuffer(mapping, dtype=dtype, count=nbytes // dtype.itemsize, offset=offset).reshape(shape)
 
 
 @contextlib.contextmanager
