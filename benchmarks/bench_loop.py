@@ -265,7 +265,7 @@ def bench_mr(shared: Path, cache: Path, fold_epochs: int, patients: Sequence[str
             earlier = later
         test = [case_of[f"{patient}/{s.name}"] for s in studies[patient]]
         fold = train_fold(dataset, recipe, test, cache / "mr" / f"fold-{patient}", fold_epochs)
-        work = cache / "mr" / f"loop-{patient}{tag}"
+        work = cache / "mr" / f"loop-{patient}{'-oracle' if oracle else ''}{tag}"
         images, reference = _read_mr(earlier)
         before_earlier = segment(fold, images, cache / "mr", f"{patient}-{earlier.name}")
         tuned, seconds, info_ft = fine_tune(fold, images, reference, before_earlier, list(MR_CHANNELS), labels,
