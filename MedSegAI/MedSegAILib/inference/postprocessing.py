@@ -51,7 +51,7 @@ def _selected(option: Any, key: str, label_names: Mapping[int, str]) -> list[int
 _PARALLEL_VOXELS = 4_000_000
 # Labels run side by side only while their working arrays fit in this (_BYTES_PER_BOX_VOXEL per
 # voxel of each box, measured: int32 components and bool masks). A speckled map, whose labels all span the
-# whole volume, runs them one at a time: 512x512x200 at width 32, peak 1.39 -> 1.03 GB, same labels.
+# whole volume, runs them one at a time: 512x512x200 at width 32, peak 1.39 -> 1.02 GB, same labels.
 _PARALLEL_BYTES = 256 * 1024 * 1024
 _BYTES_PER_BOX_VOXEL = 16
 # Over this many voxels, a label's box is searched for holes in two halves on parallel threads.
